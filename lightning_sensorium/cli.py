@@ -25,21 +25,25 @@ PROG = "lightning-sensorium"
 def lightning_main(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True) -> Any:
     """Run LightningCLI on ``args`` (a list of strings or a config dict); returns the CLI object."""
     from jsonargparse import set_parsing_settings
-    from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
+
+    from lightning_sensorium.data.datamodule import SensoriumDataModule
+    from lightning_sensorium.module import SensoriumModule
 
     # `omegaconf+` resolves ${...} after every config and override is merged; absolute paths work under
     # subcommands with this setting (ecosystem.md §1).
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
     class SensoriumCLI(LightningCLI):
-        """LightningCLI with the project's argument links (data-derived values flow once, data → model)."""
+        """LightningCLI with the project's argument links: data-derived values flow once, data → model."""
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            for name in ("neurons", "dataset_sizes", "video_shape"):
+                parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
 
     return SensoriumCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
+        SensoriumModule,
+        SensoriumDataModule,
         parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         args=list(args) if isinstance(args, Sequence) and not isinstance(args, str) else args,
@@ -119,10 +123,41 @@ def _run_convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="official metrics of a checkpoint per tier and mouse (JSON + table)",
+        description=(
+            "Evaluate a checkpoint on whole trials: single-trial and repeat-averaged correlation, oracle correlation "
+            "and FEVE per tier and mouse, pooled over neurons (the official neuron-weighted mean); on synthetic mice "
+            "also the ground-truth oracle and the fraction of it reached. The data defaults to the checkpoint's."
+        ),
+    )
+    p.add_argument("--ckpt_path", required=True, type=Path, help="checkpoint written by `fit`")
+    p.add_argument("--data.root", dest="root", help="folder or URL of <mouse_id>.zarr stores (default: as trained)")
+    p.add_argument("--data.mice", dest="mice", nargs="+", help="mice to evaluate (default: as trained)")
+    p.add_argument("--tiers", nargs="+", help="tiers to evaluate (default: every labelled tier but train)")
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: %(default)s)")
+    p.add_argument("--output", type=Path, help="write the metrics as JSON to this file")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(ns: argparse.Namespace) -> int:
+    from lightning_sensorium.evaluate import evaluate, print_table, write_json
+
+    results = evaluate(ns.ckpt_path, data={"root": ns.root, "mice": ns.mice}, tiers=ns.tiers, accelerator=ns.accelerator)
+    print_table(results)
+    if ns.output:
+        write_json(results, ns.output)
+        print(f"wrote {ns.output}")
+    return 0
+
+
 #: The project's own subcommands: name → function that adds its parser.
 _OWN_SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "synth": _add_synth,
     "convert": _add_convert,
+    "evaluate": _add_evaluate,
 }
 
 
@@ -147,12 +182,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def with_defaults(argv: list[str]) -> list[str]:
+    """Put ``defaults.yaml`` from the first ``--config``'s folder before it (shared trainer, logger, callbacks).
+
+    Every ``experiments/<model>.yaml`` is complete relative to ``experiments/defaults.yaml``; this makes
+    ``lightning fit --config experiments/viv1t.yaml`` read both, in that order. An explicit
+    ``--config .../defaults.yaml`` anywhere disables it.
+    """
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            path, head = argv[i + 1], argv[:i]
+            tail = argv[i + 2 :]
+        elif arg.startswith("--config="):
+            path, head, tail = arg.split("=", 1)[1], argv[:i], argv[i + 1 :]
+        else:
+            continue
+        defaults = Path(path).parent / "defaults.yaml"
+        if Path(path).name == "defaults.yaml" or not defaults.is_file() or any("defaults.yaml" in a for a in argv):
+            return argv
+        return [*head, "--config", str(defaults), "--config", path, *tail]
+    return argv
+
+
 def main(args: Sequence[str] | None = None) -> Any:
     """Entry point of every console script. Lightning subcommands return the CLI object; others an exit code."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        # From the console LightningCLI reads sys.argv itself (passing it again only triggers a warning).
-        cli = lightning_main(None if args is None else argv)
+        full = with_defaults(argv)
+        if args is None and full != argv:
+            sys.argv[1:] = full  # LightningCLI reads sys.argv itself from the console
+        # From the console pass None: giving LightningCLI sys.argv again only triggers a warning.
+        cli = lightning_main(None if args is None else full)
         # Console scripts call sys.exit(main()): return None there, the CLI object to Python callers.
         return cli if args is not None else None
     parser = build_parser()

@@ -1,0 +1,365 @@
+"""SensoriumDataModule: streams per-mouse zarr stores into training windows and whole-trial evaluation batches.
+
+Training draws random windows of ``frames`` frames (every ``frame_step``-th frame) from random trials of the
+train tiers. Evaluation reads whole trials (up to their valid length) so the official metrics see every scored
+frame. Batches hold one mouse (``batch_mode="per_mouse"``: the official LongCycler / ViV1T scheme, mice cycled
+batch by batch) or several (``batch_mode="mixed"``: DwiseNeuro; then ``mouse_id`` is a list and responses are
+given per sample in ``responses`` as a list).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_sensorium.data.batch import NeuronInfo
+from lightning_sensorium.data.layout import TIERS
+from lightning_sensorium.data.normalization import Normalizer
+from lightning_sensorium.data.store import MouseStore
+
+log = logging.getLogger(__name__)
+
+#: Where `make demo` puts the synthetic stores; the default data root.
+DEFAULT_ROOT = "data/stores"
+
+Batch = dict[str, Any]
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def discover_stores(root: str, mice: Sequence[str] | None, storage_options: dict[str, Any] | None) -> list[str]:
+    """The store paths (or URLs) of the selected mice under ``root``, sorted by mouse id."""
+    if _is_url(root):
+        if not mice:
+            raise ValueError(f"data.root={root!r} is a URL: list the mice explicitly with data.mice")
+        return [f"{root.rstrip('/')}/{m}.zarr" for m in mice]
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"data.root={root!r}: no such folder. Create synthetic mice with `make demo` or "
+            "`lightning-sensorium synth DIR && lightning-sensorium convert DIR/* --out data/stores`."
+        )
+    found = {p.name[: -len(".zarr")]: str(p) for p in sorted(base.glob("*.zarr")) if p.is_dir()}
+    if not found:
+        raise FileNotFoundError(f"data.root={root!r} holds no <mouse_id>.zarr store")
+    if not mice:
+        return list(found.values())
+    missing = [m for m in mice if m not in found]
+    if missing:
+        raise FileNotFoundError(f"data.mice: no store for {missing} under {root!r}; available: {sorted(found)}")
+    return [found[m] for m in mice]
+
+
+class _WindowPlans(DistributedSampler):
+    """Draws the training batches of one epoch as plans ``[(mouse_id, trial, start), ...]``.
+
+    A ``DistributedSampler`` so Lightning neither replaces it under DDP nor forgets to call ``set_epoch``: every
+    rank draws its own stream from ``(seed, epoch, rank)``, and all ranks yield the same number of batches so DDP
+    never waits on a rank that ran dry. Mice are cycled by global batch number (the official LongCycler order)
+    in ``per_mouse`` mode, and drawn uniformly per sample in ``mixed`` mode.
+    """
+
+    def __init__(self, dm: SensoriumDataModule, epoch_batches: int, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(range(epoch_batches), num_replicas=world_size, rank=rank, shuffle=False, seed=dm.seed)
+        self.dm = dm
+        self.local_batches = math.ceil(epoch_batches / world_size)
+
+    def __len__(self) -> int:
+        return self.local_batches
+
+    def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:  # type: ignore[override]
+        rng = np.random.default_rng([self.dm.seed, self.epoch, self.rank])
+        mice = self.dm.mouse_ids
+        for k in range(self.local_batches):
+            if self.dm.batch_mode == "per_mouse":
+                chosen = [mice[(k * self.num_replicas + self.rank) % len(mice)]] * self.dm.batch_size
+            else:
+                chosen = [mice[i] for i in rng.integers(0, len(mice), size=self.dm.batch_size)]
+            yield [(m, *self.dm._draw_window(m, rng)) for m in chosen]
+
+
+class _WindowReader(Dataset):
+    """Reads and collates the windows of one batch plan (runs in DataLoader workers)."""
+
+    def __init__(self, dm: SensoriumDataModule, epoch_batches: int) -> None:
+        self.dm = dm
+        self.epoch_batches = epoch_batches
+
+    def __len__(self) -> int:
+        return self.epoch_batches
+
+    def __getitem__(self, plan: list[tuple[str, int, int]]) -> Batch:  # type: ignore[override]
+        return self.dm._collate([self.dm._read(m, t, s, s + self.dm.span) for m, t, s in plan])
+
+
+class _EvalTrials(Dataset):
+    """Whole trials of the evaluation tiers, pre-grouped into batches of one mouse and one tier."""
+
+    def __init__(self, dm: SensoriumDataModule, tiers: Sequence[str], batch_size: int, skip_hidden: bool) -> None:
+        self.dm = dm
+        self.groups: list[tuple[str, str, list[int]]] = []
+        # Dense clip index per (tier, mouse): the repeat metrics keep one slot per clip.
+        self.clips: dict[tuple[str, str], np.ndarray] = {}
+        for mouse in dm.mouse_ids:
+            store = dm.stores[mouse]
+            for tier in tiers:
+                trials = store.trials([tier])
+                if skip_hidden:
+                    trials = trials[~store.hidden[trials]]
+                self.clips[tier, mouse] = np.unique(store.clip_id[trials])
+                # Sort by length so a batch pads little.
+                trials = trials[np.argsort(store.length[trials], kind="stable")]
+                for i in range(0, len(trials), batch_size):
+                    self.groups.append((mouse, tier, [int(t) for t in trials[i : i + batch_size]]))
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> Batch:
+        mouse, tier, trials = self.groups[index]
+        store = self.dm.stores[mouse]
+        samples = [self.dm._read(mouse, t, 0, int(store.length[t])) for t in trials]
+        batch = self.dm._collate(samples)
+        batch["tier"] = tier
+        batch["clip_index"] = torch.from_numpy(np.searchsorted(self.clips[tier, mouse], batch["clip_id"].numpy()))
+        return batch
+
+
+class SensoriumDataModule(L.LightningDataModule):
+    """Per-mouse zarr stores → training windows and whole-trial evaluation batches.
+
+    Args:
+        root: folder (or fsspec URL) holding ``<mouse_id>.zarr`` stores.
+        mice: mouse ids to use (default: every store under ``root``; required for URLs).
+        train_tiers: tiers whose trials are sampled for training.
+        val_tiers: tiers evaluated during validation (the official validation tier is ``oracle``).
+        test_tiers: tiers evaluated by ``test`` / ``evaluate`` (hidden tiers are skipped).
+        predict_tiers: tiers predicted by ``predict``.
+        frames: frames per training window.
+        frame_step: take every ``frame_step``-th frame of the window (DwiseNeuro uses 2).
+        batch_size: training windows per batch.
+        eval_batch_size: whole trials per evaluation batch.
+        samples_per_epoch: training windows per mouse per epoch; ``None``: one per train trial (the official loader).
+        batch_mode: ``per_mouse`` (mice cycled batch by batch) or ``mixed`` (mice mixed inside a batch).
+        normalization: ``official`` (NeuroNormalizer with the per-frame statistics) or ``raw``.
+        num_workers: DataLoader worker processes.
+        seed: seeds the window sampling (with epoch, rank and worker).
+        storage_options: passed to fsspec for URL roots.
+        with_ground_truth: add the generator's noiseless ``rates`` to evaluation batches where a store has them.
+    """
+
+    def __init__(
+        self,
+        root: str = DEFAULT_ROOT,
+        mice: list[str] | None = None,
+        train_tiers: list[str] | None = None,
+        val_tiers: list[str] | None = None,
+        test_tiers: list[str] | None = None,
+        predict_tiers: list[str] | None = None,
+        frames: int = 80,
+        frame_step: int = 1,
+        batch_size: int = 8,
+        eval_batch_size: int = 4,
+        samples_per_epoch: int | None = None,
+        batch_mode: Literal["per_mouse", "mixed"] = "per_mouse",
+        normalization: Literal["official", "raw"] = "official",
+        num_workers: int = 0,
+        seed: int = 42,
+        storage_options: dict[str, Any] | None = None,
+        with_ground_truth: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = str(root)
+        self.train_tiers = list(train_tiers or ["train"])
+        self.val_tiers = list(val_tiers or ["oracle"])
+        self.test_tiers = list(test_tiers or ["oracle", "live_test_main", "final_test_main"])
+        self.predict_tiers = list(predict_tiers or ["final_test_main"])
+        for name, tiers in [
+            ("train_tiers", self.train_tiers),
+            ("val_tiers", self.val_tiers),
+            ("test_tiers", self.test_tiers),
+            ("predict_tiers", self.predict_tiers),
+        ]:
+            unknown = [t for t in tiers if t not in TIERS]
+            if unknown:
+                raise ValueError(f"data.{name}: unknown tier(s) {unknown}; expected some of {list(TIERS)}")
+        if frames < 1 or frame_step < 1:
+            raise ValueError(f"data.frames={frames} and data.frame_step={frame_step} must be ≥ 1")
+        self.frames, self.frame_step = frames, frame_step
+        self.span = (frames - 1) * frame_step + 1  # raw frames a window covers
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.samples_per_epoch = samples_per_epoch
+        self.batch_mode = batch_mode
+        self.normalization = normalization
+        self.num_workers = num_workers
+        self.seed = seed
+        self.with_ground_truth = with_ground_truth
+
+        paths = discover_stores(self.root, mice, storage_options)
+        # Opening reads only metadata and the small per-trial arrays: cheap enough for __init__, which must
+        # compute `neurons` because LightningCLI links it to the model at instantiation.
+        stores = [MouseStore(p, storage_options=storage_options) for p in paths]
+        self.stores: dict[str, MouseStore] = {s.mouse_id: s for s in stores}
+        self.mouse_ids: list[str] = list(self.stores)
+        self.normalizers = {m: Normalizer(s, mode=normalization) for m, s in self.stores.items()}
+        self._train_trials = {m: self._window_trials(s) for m, s in self.stores.items()}
+        for m, trials in self._train_trials.items():
+            if len(trials) == 0:
+                raise ValueError(
+                    f"mouse {m}: no trial of tiers {self.train_tiers} is at least {self.span} frames long "
+                    f"(data.frames={frames}, data.frame_step={frame_step})"
+                )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get a copy of the datamodule: never the trainer.
+        state = self.__dict__.copy()
+        state["trainer"] = None
+        return state
+
+    # ------------------------------------------------------------------------------------------ linked metadata
+    @property
+    def neurons(self) -> dict[str, NeuronInfo]:
+        """Neuron ids, coordinates and mean (normalised) train responses per mouse, for the readouts."""
+        return {
+            m: NeuronInfo(
+                mouse_id=m,
+                unit_ids=s.unit_ids,
+                coordinates=s.coordinates,
+                mean_responses=self.normalizers[m].mean_responses(),
+            )
+            for m, s in self.stores.items()
+        }
+
+    @property
+    def dataset_sizes(self) -> dict[str, int]:
+        """Trials per mouse over all tiers: the official loss scale uses sqrt(len(dataset) / batch_size)."""
+        return {m: int(s.num_trials) for m, s in self.stores.items()}
+
+    @property
+    def video_shape(self) -> tuple[int, int]:
+        """Frame height and width (the same for every mouse)."""
+        shapes = {s.video_shape for s in self.stores.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"mice have different frame sizes {sorted(shapes)}; select mice with one size")
+        return shapes.pop()
+
+    def clip_counts(self, tiers: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Number of distinct clips per tier and mouse (dense clip indices run over 0..count-1)."""
+        out: dict[str, dict[str, int]] = {}
+        for tier in tiers:
+            out[tier] = {}
+            for m, s in self.stores.items():
+                trials = s.trials([tier])
+                trials = trials[~s.hidden[trials]]
+                out[tier][m] = len(np.unique(s.clip_id[trials])) if len(trials) else 0
+        return out
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    def _window_trials(self, store: MouseStore) -> np.ndarray:
+        trials = store.trials(self.train_tiers)
+        trials = trials[~store.hidden[trials]]
+        return trials[store.length[trials] >= self.span]
+
+    def _draw_window(self, mouse: str, rng: np.random.Generator) -> tuple[int, int]:
+        trials = self._train_trials[mouse]
+        trial = int(trials[rng.integers(len(trials))])
+        # Start uniform over every position where the window fits (inclusive upper bound, unlike the official
+        # loader's randint(0, T - F), which never picks the last window).
+        start = int(rng.integers(0, int(self.stores[mouse].length[trial]) - self.span + 1))
+        return trial, start
+
+    def _read(self, mouse: str, trial: int, start: int, stop: int) -> dict[str, Any]:
+        """One sample: normalised tensors, neurons before time. Reads ``[start, stop)`` then subsamples by step."""
+        store = self.stores[mouse]
+        want_rates = self.with_ground_truth and store.has_ground_truth
+        raw = store.read(trial, start, stop, rates=want_rates)
+        step = self.frame_step if stop - start == self.span else 1
+        frames = np.arange(start, stop, step)
+        x = self.normalizers[mouse](raw, frames)
+        sample: dict[str, Any] = {
+            "mouse_id": mouse,
+            "trial": trial,
+            "video": torch.from_numpy(np.ascontiguousarray(x["videos"][::step]))[None],  # (1, T, H, W)
+            "behavior": torch.from_numpy(np.ascontiguousarray(x["behavior"][::step].T)),  # (2, T)
+            "pupil_center": torch.from_numpy(np.ascontiguousarray(x["pupil_center"][::step].T)),  # (2, T)
+            "responses": torch.from_numpy(np.ascontiguousarray(x["responses"][::step].T)),  # (N, T)
+            "clip_id": int(store.clip_id[trial]),
+        }
+        if want_rates:
+            sample["rates"] = torch.from_numpy(np.ascontiguousarray(x["rates"][::step].T))  # (N, T)
+        return sample
+
+    def _collate(self, samples: list[dict[str, Any]]) -> Batch:
+        """Stack samples, zero-padding time to the longest; ``length`` keeps each sample's valid frames."""
+        t_max = max(s["video"].shape[1] for s in samples)
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, t_max - x.shape[1])) if x.dim() == 4 else (
+                torch.nn.functional.pad(x, (0, t_max - x.shape[-1]))
+            )
+
+        mice = [s["mouse_id"] for s in samples]
+        batch: Batch = {
+            "video": torch.stack([pad(s["video"]) for s in samples]),  # (B, 1, T, H, W)
+            "behavior": torch.stack([pad(s["behavior"]) for s in samples]),  # (B, 2, T)
+            "pupil_center": torch.stack([pad(s["pupil_center"]) for s in samples]),  # (B, 2, T)
+            "length": torch.tensor([s["video"].shape[1] for s in samples]),
+            "trial": torch.tensor([s["trial"] for s in samples]),
+            "clip_id": torch.tensor([s["clip_id"] for s in samples]),
+        }
+        if len(set(mice)) == 1:
+            batch["mouse_id"] = mice[0]
+            batch["responses"] = torch.stack([pad(s["responses"]) for s in samples])  # (B, N, T)
+            if "rates" in samples[0]:
+                batch["rates"] = torch.stack([pad(s["rates"]) for s in samples])  # (B, N, T)
+        else:
+            batch["mouse_id"] = mice
+            batch["responses"] = [pad(s["responses"]) for s in samples]  # B × (N_mouse, T)
+        return batch
+
+    # ------------------------------------------------------------------------------------------------ loaders
+    def _epoch_batches(self) -> int:
+        per_mouse = [self.samples_per_epoch or len(t) for t in self._train_trials.values()]
+        if self.batch_mode == "per_mouse":
+            # LongCycler: every mouse contributes max-over-mice batches per epoch.
+            return len(self.mouse_ids) * max(math.ceil(n / self.batch_size) for n in per_mouse)
+        return math.ceil(sum(per_mouse) / self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        n = self._epoch_batches()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        sampler = _WindowPlans(self, n, rank=rank, world_size=world)
+        return DataLoader(_WindowReader(self, n), batch_size=None, sampler=sampler, num_workers=self.num_workers)
+
+    def _eval_loader(self, tiers: Sequence[str], skip_hidden: bool = True) -> DataLoader:
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        ds = _EvalTrials(self, tiers, self.eval_batch_size, skip_hidden)
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads by repeating trials; this one scores each trial once.
+            sampler = UnrepeatedDistributedSampler(
+                ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(ds, batch_size=None, sampler=sampler, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_tiers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_tiers)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.predict_tiers, skip_hidden=False)
+

@@ -1,0 +1,74 @@
+"""Input/target normalisation applied at read time, by absolute frame index.
+
+``official`` is neuralpredictors' ``NeuroNormalizer`` as the 2023 starter kit applies it with the per-frame
+statistics of the release (https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/data/transforms.py):
+
+* videos: ``(x - mean_v[t]) / std_v[t]`` per pixel and frame;
+* responses: ``x * precision[t, n]`` with ``precision = 1/s`` where ``s > 0.01 * nanmean(s)`` else ``1 / (0.01 *
+  nanmean(s))``, ``s = std_r[t, n]`` — no centring; this is the scale the competition scores;
+* behaviour: ``x / std_b[t]`` (no centring, no threshold in the original; we floor std at a tiny value so a
+  constant channel gives 0, not inf);
+* pupil centre: ``(x - mean_p[t]) / std_p[t]``.
+
+``raw`` leaves everything as recorded (DwiseNeuro trains on raw grey levels and ReLU'd raw responses).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from lightning_sensorium.data.store import MouseStore
+
+_TINY = 1e-6
+
+
+def response_precision(std: np.ndarray) -> np.ndarray:
+    """Official per-frame, per-neuron response precision from the ``(T, N)`` std (NaN where std is NaN)."""
+    threshold = 0.01 * np.nanmean(std)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(std > threshold, 1.0 / std, 1.0 / threshold).astype(np.float32)
+
+
+class Normalizer:
+    """Normalises raw time-first arrays of one mouse (see module docstring)."""
+
+    def __init__(self, store: MouseStore, mode: Literal["official", "raw"] = "official") -> None:
+        self.mode = mode
+        self.store = store
+        if mode == "raw":
+            return
+        stats = store.statistics
+        self.video_mean = stats["videos"]["mean"].astype(np.float32)  # (T_pad, H, W)
+        self.video_std = np.maximum(stats["videos"]["std"], _TINY).astype(np.float32)
+        self.precision = response_precision(stats["responses"]["std"])  # (T_pad, N)
+        self.behavior_scale = (1.0 / np.maximum(stats["behavior"]["std"], _TINY)).astype(np.float32)  # (T_pad, 2)
+        self.pupil_mean = stats["pupil_center"]["mean"].astype(np.float32)  # (T_pad, 2)
+        self.pupil_std = np.maximum(stats["pupil_center"]["std"], _TINY).astype(np.float32)
+
+    def __call__(self, raw: dict[str, np.ndarray], frames: np.ndarray) -> dict[str, np.ndarray]:
+        """Normalise arrays read for absolute frame indices ``frames`` (all of ``raw`` covers these frames)."""
+        out = {k: v.astype(np.float32, copy=False) for k, v in raw.items()}
+        if self.mode == "raw":
+            out["responses"] = np.maximum(out["responses"], 0.0)  # tiny negatives of deconvolution
+            if "rates" in out:
+                out["rates"] = np.maximum(out["rates"], 0.0)
+            return out
+        f = frames
+        out["videos"] = (out["videos"] - self.video_mean[f]) / self.video_std[f]
+        out["responses"] = out["responses"] * self.precision[f]
+        if "rates" in out:
+            out["rates"] = out["rates"] * self.precision[f]
+        out["behavior"] = out["behavior"] * self.behavior_scale[f]
+        out["pupil_center"] = (out["pupil_center"] - self.pupil_mean[f]) / self.pupil_std[f]
+        for k, v in out.items():
+            # Frames past the statistics (≥ 300) are never read: lengths are capped there. Guard anyway.
+            np.nan_to_num(v, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        return out
+
+    def mean_responses(self) -> np.ndarray:
+        """Per-neuron mean response over train frames, on the scale the model is trained on."""
+        stats = self.store.neuron_statistics
+        key = "raw" if self.mode == "raw" else "normalized"
+        return np.asarray(stats[key]["mean"], dtype=np.float32)
