@@ -145,7 +145,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(ns: argparse.Namespace) -> int:
     from lightning_sensorium.evaluate import evaluate, print_table, write_json
 
-    results = evaluate(ns.ckpt_path, data={"root": ns.root, "mice": ns.mice}, tiers=ns.tiers, accelerator=ns.accelerator)
+    results = evaluate(
+        ns.ckpt_path, data={"root": ns.root, "mice": ns.mice}, tiers=ns.tiers, accelerator=ns.accelerator
+    )
     print_table(results)
     if ns.output:
         write_json(results, ns.output)

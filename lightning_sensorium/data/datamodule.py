@@ -305,8 +305,10 @@ class SensoriumDataModule(L.LightningDataModule):
         t_max = max(s["video"].shape[1] for s in samples)
 
         def pad(x: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, t_max - x.shape[1])) if x.dim() == 4 else (
-                torch.nn.functional.pad(x, (0, t_max - x.shape[-1]))
+            return (
+                torch.nn.functional.pad(x, (0, 0, 0, 0, 0, t_max - x.shape[1]))
+                if x.dim() == 4
+                else (torch.nn.functional.pad(x, (0, t_max - x.shape[-1])))
             )
 
         mice = [s["mouse_id"] for s in samples]
@@ -362,4 +364,3 @@ class SensoriumDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.predict_tiers, skip_hidden=False)
-
