@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -92,7 +93,6 @@ class SensoriumModule(L.LightningModule):
         super().__init__()
         # Neuron arrays are large: kept out of hparams, saved in the checkpoint under NEURONS_KEY instead.
         self.save_hyperparameters(ignore=["neurons", "dataset_sizes"])
-        self.core = core
         self.readout_factory: ReadoutFactory = readout or GaussianReadout
         self.shifter_factory = shifter
         self.loss_fn = loss or PoissonLoss()
@@ -108,7 +108,8 @@ class SensoriumModule(L.LightningModule):
         self.video_shape = tuple(video_shape)
         self.output_activation = output_activation
         self.neurons: dict[str, NeuronInfo] = {}
-        self.encoder: Encoder | None = None
+        # The core is held by the encoder only; per-mouse parts are added once the neurons are known.
+        self.encoder = Encoder(core, nn.ModuleDict(), None, output_activation)
         if neurons:
             self._build(neurons)
         self.metrics = nn.ModuleDict()
@@ -117,18 +118,20 @@ class SensoriumModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- building
     def _build(self, neurons: Mapping[str, NeuronInfo]) -> None:
+        """Create the readouts (and shifters) of ``neurons`` around the existing core."""
         self.neurons = dict(neurons)
-        self.encoder = Encoder.build(
-            core=self.core,
+        built = Encoder.build(
+            core=self.encoder.core,
             readout=self.readout_factory,
             neurons=self.neurons,
             shifter=self.shifter_factory,
-            output_activation=self.output_activation,
+            output_activation=self.encoder.output_activation,
             video_shape=self.video_shape,
         )
+        self.encoder.readouts, self.encoder.shifters = built.readouts, built.shifters
 
     def _require_encoder(self) -> Encoder:
-        if self.encoder is None:
+        if not self.neurons:
             raise RuntimeError(
                 "SensoriumModule has no readouts: pass `neurons` (LightningCLI links data.neurons) or load a checkpoint"
             )
@@ -150,7 +153,7 @@ class SensoriumModule(L.LightningModule):
             m: NeuronInfo(mouse_id=m, **{k: np.asarray(v) for k, v in d.items()})
             for m, d in checkpoint.get(NEURONS_KEY, {}).items()
         }
-        if self.encoder is None:
+        if not self.neurons:
             self._build(saved)
             self.dataset_sizes = dict(checkpoint.get("sensorium_dataset_sizes", {}))
             return
@@ -269,11 +272,14 @@ class SensoriumModule(L.LightningModule):
             st, tier, mouse = key.split("::")
             if st != stage:
                 continue
-            values: dict[str, Tensor] = {"single_trial_corr": group["single"].compute()}
-            values.update(group["repeat"].compute())
-            gt = group["ground_truth"]
-            if bool(gt.n.sum() > 0):
-                values["ground_truth_corr"] = gt.compute()
+            with warnings.catch_warnings():
+                # Under DDP every rank computes every metric (a collective), updated locally or not.
+                warnings.filterwarnings("ignore", message=".*compute.*before the ``update``.*")
+                values: dict[str, Tensor] = {"single_trial_corr": group["single"].compute()}
+                values.update(group["repeat"].compute())
+                gt_corr = group["ground_truth"].compute()
+            if bool(group["ground_truth"].n > 0):
+                values["ground_truth_corr"] = gt_corr
             for metric in group.values():
                 metric.reset()
             per_tier.setdefault(tier, {})[mouse] = values
