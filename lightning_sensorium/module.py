@@ -138,11 +138,12 @@ class SensoriumModule(L.LightningModule):
         return self.encoder
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Tensors, not numpy arrays: checkpoints must load with torch.load(weights_only=True).
         checkpoint[NEURONS_KEY] = {
             m: {
-                "unit_ids": n.unit_ids,
-                "coordinates": n.coordinates,
-                "mean_responses": n.mean_responses,
+                "unit_ids": torch.as_tensor(np.asarray(n.unit_ids)),
+                "coordinates": torch.as_tensor(np.asarray(n.coordinates)),
+                "mean_responses": torch.as_tensor(np.asarray(n.mean_responses)),
             }
             for m, n in self.neurons.items()
         }
@@ -150,7 +151,7 @@ class SensoriumModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = {
-            m: NeuronInfo(mouse_id=m, **{k: np.asarray(v) for k, v in d.items()})
+            m: NeuronInfo(mouse_id=m, **{k: torch.as_tensor(v).numpy() for k, v in d.items()})
             for m, d in checkpoint.get(NEURONS_KEY, {}).items()
         }
         if not self.neurons:

@@ -285,19 +285,19 @@ class SensoriumDataModule(L.LightningDataModule):
         want_rates = self.with_ground_truth and store.has_ground_truth
         raw = store.read(trial, start, stop, rates=want_rates)
         step = self.frame_step if stop - start == self.span else 1
-        frames = np.arange(start, stop, step)
-        x = self.normalizers[mouse](raw, frames)
+        raw = {k: v[::step] for k, v in raw.items()}  # (T, ...) every step-th frame
+        x = self.normalizers[mouse](raw, np.arange(start, stop, step))
         sample: dict[str, Any] = {
             "mouse_id": mouse,
             "trial": trial,
-            "video": torch.from_numpy(np.ascontiguousarray(x["videos"][::step]))[None],  # (1, T, H, W)
-            "behavior": torch.from_numpy(np.ascontiguousarray(x["behavior"][::step].T)),  # (2, T)
-            "pupil_center": torch.from_numpy(np.ascontiguousarray(x["pupil_center"][::step].T)),  # (2, T)
-            "responses": torch.from_numpy(np.ascontiguousarray(x["responses"][::step].T)),  # (N, T)
+            "video": torch.from_numpy(np.ascontiguousarray(x["videos"]))[None],  # (1, T, H, W)
+            "behavior": torch.from_numpy(np.ascontiguousarray(x["behavior"].T)),  # (2, T)
+            "pupil_center": torch.from_numpy(np.ascontiguousarray(x["pupil_center"].T)),  # (2, T)
+            "responses": torch.from_numpy(np.ascontiguousarray(x["responses"].T)),  # (N, T)
             "clip_id": int(store.clip_id[trial]),
         }
         if want_rates:
-            sample["rates"] = torch.from_numpy(np.ascontiguousarray(x["rates"][::step].T))  # (N, T)
+            sample["rates"] = torch.from_numpy(np.ascontiguousarray(x["rates"].T))  # (N, T)
         return sample
 
     def _collate(self, samples: list[dict[str, Any]]) -> Batch:

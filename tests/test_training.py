@@ -1,0 +1,143 @@
+"""Datamodule sampling and normalisation; fit → evaluate end to end; resume; clear errors for bad configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_sensorium.cli import lightning_main, main, with_defaults
+from lightning_sensorium.data.datamodule import SensoriumDataModule
+from lightning_sensorium.data.normalization import response_precision
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+#: Shrinks any experiment to seconds on CPU: tiny core, short windows, few batches.
+FAST = [
+    "--trainer.max_epochs", "1",
+    "--trainer.limit_train_batches", "2",
+    "--trainer.num_sanity_val_steps", "0",
+    "--trainer.accelerator", "cpu",
+    "--trainer.enable_progress_bar", "false",
+    "--data.frames", "24",
+    "--data.batch_size", "2",
+    "--data.eval_batch_size", "6",
+]
+
+
+def test_datamodule_batches(tiny_stores: Path) -> None:
+    dm = SensoriumDataModule(root=str(tiny_stores), frames=30, frame_step=2, batch_size=3, seed=1)
+    assert set(dm.neurons) == set(dm.mouse_ids) and all(n.num_neurons == 24 for n in dm.neurons.values())
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2 * int(np.ceil(12 / 3))  # LongCycler: every mouse, max batches per mouse
+    assert [b["mouse_id"] for b in batches[:4]] == [dm.mouse_ids[0], dm.mouse_ids[1]] * 2
+    b = batches[0]
+    assert b["video"].shape == (3, 1, 30, 36, 64) and b["responses"].shape == (3, 24, 30)
+    assert b["behavior"].shape == (3, 2, 30) and b["pupil_center"].shape == (3, 2, 30)
+    assert torch.isfinite(b["video"]).all()
+    # Same seed, same windows; another epoch, other windows.
+    again = next(iter(SensoriumDataModule(root=str(tiny_stores), frames=30, frame_step=2, batch_size=3, seed=1).train_dataloader()))
+    assert torch.equal(again["video"], b["video"])
+    sampler = dm.train_dataloader().sampler
+    sampler.set_epoch(1)
+    assert list(sampler)[0] != next(iter(dm.train_dataloader().sampler))
+
+
+def test_official_normalisation(tiny_stores: Path) -> None:
+    dm = SensoriumDataModule(root=str(tiny_stores), frames=20)
+    mouse = dm.mouse_ids[0]
+    store = dm.stores[mouse]
+    sample = dm._read(mouse, 0, 10, 30)
+    raw = store.read(0, 10, 30)
+    precision = response_precision(store.statistics["responses"]["std"])[10:30]
+    np.testing.assert_allclose(sample["responses"].numpy(), (raw["responses"] * precision).T, rtol=1e-5)
+    stats = store.statistics["videos"]
+    expected = (raw["videos"] - stats["mean"][10:30]) / stats["std"][10:30]
+    np.testing.assert_allclose(sample["video"][0].numpy(), expected, rtol=1e-4, atol=1e-4)
+    raw_dm = SensoriumDataModule(root=str(tiny_stores), frames=20, normalization="raw")
+    np.testing.assert_allclose(raw_dm._read(mouse, 0, 10, 30)["video"][0].numpy(), raw["videos"])
+
+
+def test_eval_batches_cover_each_trial_once(tiny_stores: Path) -> None:
+    dm = SensoriumDataModule(root=str(tiny_stores), test_tiers=["oracle", "final_test_bonus"], eval_batch_size=4)
+    seen = []
+    for batch in dm.test_dataloader():
+        assert batch["responses"].shape[-1] == batch["length"].max()
+        assert batch["clip_index"].max() < dm.clip_counts([batch["tier"]])[batch["tier"]][batch["mouse_id"]]
+        seen += [(batch["mouse_id"], int(t)) for t in batch["trial"]]
+    expected = sum(len(s.trials(["oracle", "final_test_bonus"])) for s in dm.stores.values())
+    assert len(seen) == len(set(seen)) == expected
+
+
+def test_bad_data_options(tiny_stores: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        SensoriumDataModule(root=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no store for"):
+        SensoriumDataModule(root=str(tiny_stores), mice=["nobody"])
+    with pytest.raises(ValueError, match="unknown tier"):
+        SensoriumDataModule(root=str(tiny_stores), val_tiers=["validation"])
+
+
+def _fit(tmp_path: Path, stores: Path, *extra: str) -> object:
+    args = with_defaults(
+        [
+            "fit",
+            "--config", str(EXPERIMENTS / "factorized.yaml"),
+            "--data.root", str(stores),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--model.core.init_args.hidden_channels", "[4, 4, 4]",
+            *FAST,
+            *extra,
+        ]
+    )
+    return lightning_main(args)
+
+
+def test_fit_evaluate_and_resume(tiny_stores: Path, tmp_path: Path) -> None:
+    cli = _fit(tmp_path, tiny_stores)
+    trainer = cli.trainer
+    assert "val/single_trial_corr" in trainer.callback_metrics
+    ckpt = Path(trainer.checkpoint_callback.last_model_path)
+    assert ckpt.is_file()
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--ckpt_path", str(ckpt), "--output", str(out), "--accelerator", "cpu"]) == 0
+    metrics = json.loads(out.read_text())
+    oracle = metrics["tiers"]["oracle"]
+    for name in ("single_trial_corr", "repeat_averaged_corr", "oracle_corr", "feve", "ground_truth_corr"):
+        assert name in oracle["pooled"]
+    assert set(oracle["per_mouse"]) == set(cli.datamodule.mouse_ids)
+    assert 0 < oracle["pooled"]["ground_truth_corr"] <= 1
+    assert "fraction_of_ground_truth" in oracle["pooled"]
+    assert "final_test_bonus" in metrics["tiers"]
+    # Resume: the second run continues from the checkpoint's step.
+    resumed = _fit(tmp_path, tiny_stores, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt))
+    assert resumed.trainer.current_epoch == 2
+    assert resumed.trainer.global_step > trainer.global_step
+
+
+def test_checkpoint_with_other_neurons_is_refused(tiny_stores: Path, tmp_path: Path) -> None:
+    cli = _fit(tmp_path, tiny_stores, "--data.mice", f"[{sorted(p.stem for p in tiny_stores.glob('*.zarr'))[0]}]")
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    other = sorted(p.stem for p in tiny_stores.glob("*.zarr"))[1]
+    code = main(["evaluate", "--ckpt_path", ckpt, "--data.mice", other, "--accelerator", "cpu"])
+    assert code == 2
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in EXPERIMENTS.glob("*.yaml") if p.name != "defaults.yaml"))
+def test_every_experiment_fits(config: str, tiny_stores: Path, tmp_path: Path) -> None:
+    args = with_defaults(
+        [
+            "fit",
+            "--config", str(EXPERIMENTS / config),
+            "--data.root", str(tiny_stores),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--trainer.fast_dev_run", "true",
+            "--trainer.accelerator", "cpu",
+            "--data.frames", "24",
+            "--data.batch_size", "2",
+        ]
+    )
+    cli = lightning_main(args)
+    assert cli.trainer.state.finished
