@@ -46,7 +46,7 @@ def lightning_main(args: Sequence[str] | dict[str, Any] | None = None, run: bool
         SensoriumDataModule,
         parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
-        args=list(args) if isinstance(args, Sequence) and not isinstance(args, str) else args,
+        args=list(args) if isinstance(args, Sequence) and not isinstance(args, str) else args,  # type: ignore[arg-type]
         run=run,
     )
 

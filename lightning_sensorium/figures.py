@@ -32,7 +32,7 @@ def traces(pred: torch.Tensor, target: torch.Tensor, corr: np.ndarray, skip_fram
 def correlation_histogram(per_neuron: Mapping[str, np.ndarray]) -> Figure:
     """Histogram of per-neuron single-trial correlations, one line per mouse."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    bins = np.linspace(-0.2, 1.0, 49)
+    bins = np.linspace(-0.2, 1.0, 49).tolist()
     for mouse, corr in per_neuron.items():
         ax.hist(np.asarray(corr), bins=bins, histtype="step", label=f"{mouse} ({np.mean(corr):.3f})")
     ax.set_xlabel("single-trial correlation")

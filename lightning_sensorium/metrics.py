@@ -74,6 +74,12 @@ class SingleTrialCorrelation(_PinnedStates):
     full_state_update = False
     is_differentiable = False
     higher_is_better = True
+    sx: Tensor
+    sy: Tensor
+    sxx: Tensor
+    syy: Tensor
+    sxy: Tensor
+    n: Tensor
 
     def __init__(self, num_neurons: int, skip_frames: int = SKIP_FRAMES, eps: float = 1e-8, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -125,6 +131,11 @@ class RepeatMetrics(_PinnedStates):
     full_state_update = False
     is_differentiable = False
     higher_is_better = True
+    sum_y: Tensor
+    sum_yy: Tensor
+    sum_p: Tensor
+    sum_se: Tensor
+    count: Tensor
 
     def __init__(
         self,

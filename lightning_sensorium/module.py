@@ -105,7 +105,7 @@ class SensoriumModule(L.LightningModule):
         self.skip_frames = skip_frames
         self.log_figures = log_figures
         self.dataset_sizes = dict(dataset_sizes or {})
-        self.video_shape = tuple(video_shape)
+        self.video_shape: tuple[int, int] = (int(video_shape[0]), int(video_shape[1]))
         self.output_activation = output_activation
         self.neurons: dict[str, NeuronInfo] = {}
         # The core is held by the encoder only; per-mouse parts are added once the neurons are known.
@@ -328,7 +328,7 @@ class SensoriumModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.logger is not None:
             # Fill the TensorBoard hparams tab's metric columns (ecosystem.md §6).
-            self.logger.log_hyperparams(self.hparams, {self.monitor: float("nan"), "best/val_corr": float("nan")})
+            self.logger.log_hyperparams(dict(self.hparams), {self.monitor: float("nan"), "best/val_corr": float("nan")})
 
     def _draw_figures(self, results: dict[str, Any]) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -398,10 +398,10 @@ def summarise(per_tier: Mapping[str, Mapping[str, Mapping[str, Tensor]]]) -> dic
                 # FEVE averages only neurons with FEV ≥ 0.15 (the 2022 definition).
                 vecs = {m: v[name][per_mouse[m]["fev_mask"].bool()].float() for m, v in per_mouse.items()}
             res["pooled"][name] = float(pooled_mean(vecs)) if any(v.numel() for v in vecs.values()) else math.nan
-            for m, v in vecs.items():
-                res["per_mouse"].setdefault(m, {})[name] = float(v.mean()) if v.numel() else math.nan
-        for m, v in per_mouse.items():
-            res["per_mouse_vectors"][m] = {"single_trial_corr_per_neuron": v["single_trial_corr"].cpu().numpy()}
+            for m, vec in vecs.items():
+                res["per_mouse"].setdefault(m, {})[name] = float(vec.mean()) if vec.numel() else math.nan
+        for m, values in per_mouse.items():
+            res["per_mouse_vectors"][m] = {"single_trial_corr_per_neuron": values["single_trial_corr"].cpu().numpy()}
         if "ground_truth_corr" in res["pooled"] and res["pooled"]["ground_truth_corr"] > 0:
             res["pooled"]["fraction_of_ground_truth"] = (
                 res["pooled"]["single_trial_corr"] / res["pooled"]["ground_truth_corr"]

@@ -101,7 +101,9 @@ def test_repeat_metrics_match_numpy() -> None:
     repeat, oracle, feve, fev, n = ref_repeat(preds, target, lengths, clips)
     metric = RepeatMetrics(n, num_clips=4, max_frames=120, skip_frames=SKIP)
     for sl in (slice(0, 4), slice(4, 7), slice(7, 10)):
-        metric.update(torch.tensor(preds[sl]), torch.tensor(target[sl]), torch.tensor(clips[sl]), torch.tensor(lengths[sl]))
+        metric.update(
+            torch.tensor(preds[sl]), torch.tensor(target[sl]), torch.tensor(clips[sl]), torch.tensor(lengths[sl])
+        )
     got = metric.compute()
     np.testing.assert_allclose(got["repeat_averaged_corr"].numpy(), repeat, atol=1e-5)
     np.testing.assert_allclose(got["oracle_corr"].numpy(), oracle, atol=1e-5)
@@ -131,9 +133,18 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
     single_rows = [0, 1, 2, 3, 4] if rank == 0 else [5, 6, 7, 8]
     repeat_rows = [0, 3, 5, 6] if rank == 0 else [1, 2, 4, 7, 8, 9]
     single = SingleTrialCorrelation(12, skip_frames=SKIP)
-    single.update(torch.tensor(preds[single_rows]).float(), torch.tensor(target[single_rows]).float(), torch.tensor(lengths[single_rows]))
+    single.update(
+        torch.tensor(preds[single_rows]).float(),
+        torch.tensor(target[single_rows]).float(),
+        torch.tensor(lengths[single_rows]),
+    )
     repeat = RepeatMetrics(6, num_clips=4, max_frames=120, skip_frames=SKIP)
-    repeat.update(torch.tensor(rp[repeat_rows]), torch.tensor(rt[repeat_rows]), torch.tensor(rc[repeat_rows]), torch.tensor(rl[repeat_rows]))
+    repeat.update(
+        torch.tensor(rp[repeat_rows]),
+        torch.tensor(rt[repeat_rows]),
+        torch.tensor(rc[repeat_rows]),
+        torch.tensor(rl[repeat_rows]),
+    )
     s, r = single.compute(), repeat.compute()
     if rank == 0:
         queue.put((s.numpy(), {k: v.numpy() for k, v in r.items()}))

@@ -16,14 +16,22 @@ from lightning_sensorium.data.normalization import response_precision
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 #: Shrinks any experiment to seconds on CPU: tiny core, short windows, few batches.
 FAST = [
-    "--trainer.max_epochs", "1",
-    "--trainer.limit_train_batches", "2",
-    "--trainer.num_sanity_val_steps", "0",
-    "--trainer.accelerator", "cpu",
-    "--trainer.enable_progress_bar", "false",
-    "--data.frames", "24",
-    "--data.batch_size", "2",
-    "--data.eval_batch_size", "6",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.frames",
+    "24",
+    "--data.batch_size",
+    "2",
+    "--data.eval_batch_size",
+    "6",
 ]
 
 
@@ -38,7 +46,11 @@ def test_datamodule_batches(tiny_stores: Path) -> None:
     assert b["behavior"].shape == (3, 2, 30) and b["pupil_center"].shape == (3, 2, 30)
     assert torch.isfinite(b["video"]).all()
     # Same seed, same windows; another epoch, other windows.
-    again = next(iter(SensoriumDataModule(root=str(tiny_stores), frames=30, frame_step=2, batch_size=3, seed=1).train_dataloader()))
+    again = next(
+        iter(
+            SensoriumDataModule(root=str(tiny_stores), frames=30, frame_step=2, batch_size=3, seed=1).train_dataloader()
+        )
+    )
     assert torch.equal(again["video"], b["video"])
     sampler = dm.train_dataloader().sampler
     sampler.set_epoch(1)
@@ -84,10 +96,14 @@ def _fit(tmp_path: Path, stores: Path, *extra: str) -> object:
     args = with_defaults(
         [
             "fit",
-            "--config", str(EXPERIMENTS / "factorized.yaml"),
-            "--data.root", str(stores),
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-            "--model.core.init_args.hidden_channels", "[4, 4, 4]",
+            "--config",
+            str(EXPERIMENTS / "factorized.yaml"),
+            "--data.root",
+            str(stores),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+            "--model.core.init_args.hidden_channels",
+            "[4, 4, 4]",
             *FAST,
             *extra,
         ]
@@ -130,13 +146,20 @@ def test_every_experiment_fits(config: str, tiny_stores: Path, tmp_path: Path) -
     args = with_defaults(
         [
             "fit",
-            "--config", str(EXPERIMENTS / config),
-            "--data.root", str(tiny_stores),
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-            "--trainer.fast_dev_run", "true",
-            "--trainer.accelerator", "cpu",
-            "--data.frames", "24",
-            "--data.batch_size", "2",
+            "--config",
+            str(EXPERIMENTS / config),
+            "--data.root",
+            str(tiny_stores),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.accelerator",
+            "cpu",
+            "--data.frames",
+            "24",
+            "--data.batch_size",
+            "2",
         ]
     )
     cli = lightning_main(args)

@@ -171,7 +171,7 @@ class _Plan:
     fingerprint: str
 
 
-def _validate(session: _Session) -> _Plan:
+def _validate(session: _Session) -> _Plan:  # noqa: C901 - one linear list of checks
     where = session.where
     if session.listdir("meta/trials") is None or not session.exists("meta/trials/tiers.npy"):
         raise ConversionError(f"{where}/meta/trials/tiers.npy: missing file")
@@ -318,7 +318,7 @@ def _categorical(group: zarr.Group, name: str, values: np.ndarray, labels: Seque
     arr.attrs.update({"flag_values": list(range(len(labels))), "flag_meanings": " ".join(labels)})
 
 
-def _write_store(session: _Session, plan: _Plan, dest: Path, progress: Any, ground_truth: Path | None) -> None:
+def _write_store(session: _Session, plan: _Plan, dest: Path, progress: Any, ground_truth: Path | None) -> None:  # noqa: C901 - one pass over trials
     n, t_pad, n_neurons = len(plan.tiers), plan.t_pad, plan.unit_ids.shape[0]
     limit = min(plan.stat_limit, MAX_FRAMES)
     first = session.load("data/videos/0.npy")
@@ -419,7 +419,7 @@ def _write_store(session: _Session, plan: _Plan, dest: Path, progress: Any, grou
     )[:] = plan.coordinates
 
     stats = root.create_group("statistics")
-    dims = {
+    stat_dims = {
         "videos": ["frame", "height", "width"],
         "responses": ["frame", "neuron"],
         "behavior": ["frame", "signal"],
@@ -429,7 +429,7 @@ def _write_store(session: _Session, plan: _Plan, dest: Path, progress: Any, grou
         g = stats.create_group(key)
         for stat, arr in plan.statistics[key].items():
             a = np.moveaxis(arr.astype(np.float32), -1, 0)  # time first
-            _create(g, stat, a.shape, np.float32, a.shape, dims[key])[:] = a
+            _create(g, stat, a.shape, np.float32, a.shape, stat_dims[key])[:] = a
     per_neuron = stats.create_group("responses_per_neuron")
     for key, (count, s, ss) in sums.items():
         g = per_neuron.create_group(key)
@@ -440,10 +440,10 @@ def _write_store(session: _Session, plan: _Plan, dest: Path, progress: Any, grou
             _create(g, stat, arr.shape, np.float32, arr.shape, ["neuron"])[:] = np.nan_to_num(arr).astype(np.float32)
 
     if ground_truth is not None:
-        gt = root["ground_truth"]
-        assert isinstance(gt, zarr.Group)
+        gt_group = root["ground_truth"]
+        assert isinstance(gt_group, zarr.Group)
         ids = np.load(ground_truth / "clip_ids.npy")
-        _create(gt, "clip_id", ids.shape, np.int64, ids.shape, ["trial"])[:] = ids
+        _create(gt_group, "clip_id", ids.shape, np.int64, ids.shape, ["trial"])[:] = ids
         _categorical(
             gt, "stimulus_type", np.load(ground_truth / "stimulus_types.npy").astype(str), list(STIMULUS_TYPES)
         )
@@ -495,7 +495,7 @@ def _ground_truth_dir(session: _Session) -> Path | None:
 
 def _existing_fingerprint(path: Path) -> tuple[int, str] | None:
     try:
-        attrs = zarr.open_group(path, mode="r").attrs
+        attrs: dict[str, Any] = dict(zarr.open_group(path, mode="r").attrs)
         return int(attrs["format_version"]), str(attrs["source_fingerprint"])
     except Exception:  # noqa: BLE001 - anything unreadable is "not ours"
         return None

@@ -70,14 +70,15 @@ class _WindowPlans(DistributedSampler):
     """
 
     def __init__(self, dm: SensoriumDataModule, epoch_batches: int, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__(range(epoch_batches), num_replicas=world_size, rank=rank, shuffle=False, seed=dm.seed)
+        batches: Any = range(epoch_batches)  # only its length matters to DistributedSampler
+        super().__init__(batches, num_replicas=world_size, rank=rank, shuffle=False, seed=dm.seed)
         self.dm = dm
         self.local_batches = math.ceil(epoch_batches / world_size)
 
     def __len__(self) -> int:
         return self.local_batches
 
-    def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:  # type: ignore[override,unused-ignore]
         rng = np.random.default_rng([self.dm.seed, self.epoch, self.rank])
         mice = self.dm.mouse_ids
         for k in range(self.local_batches):
@@ -98,7 +99,7 @@ class _WindowReader(Dataset):
     def __len__(self) -> int:
         return self.epoch_batches
 
-    def __getitem__(self, plan: list[tuple[str, int, int]]) -> Batch:  # type: ignore[override]
+    def __getitem__(self, plan: list[tuple[str, int, int]]) -> Batch:  # type: ignore[override,unused-ignore]
         return self.dm._collate([self.dm._read(m, t, s, s + self.dm.span) for m, t, s in plan])
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,16 +126,16 @@ def feature_bank(video: np.ndarray) -> FeatureBank:
 class NeuronParameters:
     """Ground-truth parameters of one mouse's neurons (all arrays ``(N, ...)``)."""
 
-    rf_center: np.ndarray  # (N, 2) normalised [-1, 1] (x, y)
-    channel: np.ndarray  # (N,) index into FeatureBank.channels
-    cell_type: np.ndarray  # (N,) index into CELL_TYPES
-    sign: np.ndarray  # (N,) ±1 for simple cells
-    norm_weight: np.ndarray  # (N,)
-    run_gain: np.ndarray  # (N,)
-    pupil_gain: np.ndarray  # (N,)
-    baseline: np.ndarray  # (N,)
-    scale: np.ndarray  # (N,) set by calibration so the mean rate is `target_mean`
-    target_mean: np.ndarray  # (N,)
+    rf_center: Any  # (N, 2) normalised [-1, 1] (x, y)
+    channel: Any  # (N,) index into FeatureBank.channels
+    cell_type: Any  # (N,) index into CELL_TYPES
+    sign: Any  # (N,) ±1 for simple cells
+    norm_weight: Any  # (N,)
+    run_gain: Any  # (N,)
+    pupil_gain: Any  # (N,)
+    baseline: Any  # (N,)
+    scale: Any  # (N,) set by calibration so the mean rate is `target_mean`
+    target_mean: Any  # (N,)
     gaze_gain: float = 0.02  # normalised units per pupil-centre pixel
 
     def as_arrays(self) -> dict[str, np.ndarray]:

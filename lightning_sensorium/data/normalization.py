@@ -62,7 +62,7 @@ class Normalizer:
             out["rates"] = out["rates"] * self.precision[f]
         out["behavior"] = out["behavior"] * self.behavior_scale[f]
         out["pupil_center"] = (out["pupil_center"] - self.pupil_mean[f]) / self.pupil_std[f]
-        for k, v in out.items():
+        for v in out.values():
             # Frames past the statistics (≥ 300) are never read: lengths are capped there. Guard anyway.
             np.nan_to_num(v, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         return out

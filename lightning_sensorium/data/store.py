@@ -33,7 +33,7 @@ class MouseStore:
         if "://" not in self.path and not Path(self.path).is_dir():
             raise FileNotFoundError(f"{self.path}: no such store")
         root = self._open()
-        attrs = dict(root.attrs)
+        attrs: dict[str, Any] = dict(root.attrs)
         missing = [k for k in ("mouse_id", "num_neurons", "num_trials", "format_version") if k not in attrs]
         if missing:
             raise ValueError(f"{self.path}: not a lightning_sensorium store (attributes {missing} missing)")

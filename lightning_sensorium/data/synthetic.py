@@ -346,7 +346,7 @@ def _iter_trials(
             yield clip, video, behavior, center, rates, responses
 
 
-def _write_mouse(
+def _write_mouse(  # noqa: C901 - one pass over trials
     root: Path,
     k: int,
     *,

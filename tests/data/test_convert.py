@@ -43,7 +43,9 @@ def test_round_trip(tiny_release: Path, tiny_stores: Path) -> None:
             np.testing.assert_array_equal(window["videos"], video)
             resp = np.load(session / f"data/responses/{i}.npy")[:, : store.length[i]].T
             np.testing.assert_allclose(window["responses"], resp)
-            np.testing.assert_allclose(window["behavior"], np.load(session / f"data/behavior/{i}.npy")[:, : store.length[i]].T)
+            np.testing.assert_allclose(
+                window["behavior"], np.load(session / f"data/behavior/{i}.npy")[:, : store.length[i]].T
+            )
             np.testing.assert_allclose(window["pupil_center"], pupil[:, : store.length[i]].T)
             rates = np.load(gt / "rates" / f"{i}.npy")[:, : store.length[i]].T
             np.testing.assert_allclose(window["rates"], rates)

@@ -42,7 +42,9 @@ def test_shapes_alignment_and_gradients() -> None:
     assert out.shape == (2, 7, 12)
     assert torch.isfinite(out).all() and (out > 0).all()  # ELU + 1
     (out.sum() + enc.regularizer("a")).backward()
-    no_grad = [n for n, p in enc.named_parameters() if p.grad is None and not n.startswith(("readouts.b", "shifters.b"))]
+    no_grad = [
+        n for n, p in enc.named_parameters() if p.grad is None and not n.startswith(("readouts.b", "shifters.b"))
+    ]
     assert no_grad == []
 
 

@@ -33,4 +33,5 @@ class Core(nn.Module, ABC):
             behavior = torch.zeros(1, 2, frames, device=param.device)
             out = self(video, behavior, behavior.clone())
         self.train(was_training)
-        return tuple(out.shape[1:])  # type: ignore[return-value]
+        c, t, h, w = out.shape[1:]
+        return int(c), int(t), int(h), int(w)

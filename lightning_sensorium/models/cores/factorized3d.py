@@ -9,7 +9,6 @@ output frame k sees input frames k … k + 18 (36×64×80 → 18×46×62 with th
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from lightning_sensorium.models.cores.base import Core
@@ -68,7 +67,7 @@ class Factorized3dCore(Core):
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.xavier_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+                nn.init.zeros_(m.bias)  # type: ignore[arg-type]
         self.lost_frames = sum(layer.conv_temporal.kernel_size[0] - 1 for layer in layers)
 
     def forward(self, video: Tensor, behavior: Tensor | None = None, pupil_center: Tensor | None = None) -> Tensor:
@@ -83,16 +82,13 @@ class Factorized3dCore(Core):
         first = self.layers[0]
         spatial = first.conv_spatial.weight[:, :, 0]  # (O, I, k, k)
         temporal = first.conv_temporal.weight[:, :, :, 0, 0]  # (O, I, t)
-        return self.spatial_reg_weight * laplace_l2(spatial) + self.temporal_reg_weight * depth_laplace_l2_1d(
-            temporal
-        )
+        return self.spatial_reg_weight * laplace_l2(spatial) + self.temporal_reg_weight * depth_laplace_l2_1d(temporal)
 
     def output_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         h, w = height, width
         for layer in self.layers:
-            k = layer.conv_spatial.kernel_size[1]
+            k = int(layer.conv_spatial.kernel_size[1])
             h, w = h - k + 1, w - k + 1
-        channels = self.layers[-1].conv_temporal.out_channels
+        last: _FactorizedLayer = self.layers[-1]  # type: ignore[assignment]
+        channels = last.conv_temporal.out_channels
         return channels, frames - self.lost_frames, h, w
-
-

@@ -51,9 +51,7 @@ class GaussianReadout(Readout):
         scale = xy.abs().max() if n and xy.abs().max() > 0 else torch.tensor(1.0)
         # Kept as a buffer: a checkpoint rebuilds the readout without the data.
         self.register_buffer("source_grid", xy / scale)  # (N, 2) in [-1, 1]
-        self.grid_predictor = nn.Sequential(
-            nn.Linear(2, grid_hidden), nn.ELU(), nn.Linear(grid_hidden, 2), nn.Tanh()
-        )
+        self.grid_predictor = nn.Sequential(nn.Linear(2, grid_hidden), nn.ELU(), nn.Linear(grid_hidden, 2), nn.Tanh())
         self.sigma = nn.Parameter(torch.empty(1, n, 2, 2).uniform_(-init_sigma, init_sigma))
         self.features = nn.Parameter(torch.full((1, c, 1, n), 1.0 / c))
         mean = torch.as_tensor(neurons.mean_responses, dtype=torch.float32).reshape(n)
