@@ -87,6 +87,8 @@ def build_release(root: Path, neurons: int, trials: int, seed: int = 0) -> Path:
 
 
 def drop_cache(paths: list[Path]) -> None:
+    """Evict the files' pages (dirty pages are written back first: DONTNEED skips them otherwise)."""
+    os.sync()
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         *(f"| {m} | {r['cold']:.1f} | {r['warm']:.1f} |" for m, r in results.items()),
     ]
     ratio = (
+        f"store / official: cold {results['store']['cold'] / results['official']['cold']:.1f}×, "
+        f"warm {results['store']['warm'] / results['official']['warm']:.1f}×; "
         f"store / mmap: cold {results['store']['cold'] / results['npy mmap']['cold']:.2f}×, "
         f"warm {results['store']['warm'] / results['npy mmap']['warm']:.2f}×; "
         f"store+norm / official: cold {results['store+norm']['cold'] / results['official']['cold']:.1f}×, "

@@ -83,6 +83,16 @@ def test_eval_batches_cover_each_trial_once(tiny_stores: Path) -> None:
     assert len(seen) == len(set(seen)) == expected
 
 
+def test_workers_give_the_same_batches(tiny_stores: Path) -> None:
+    kwargs = {"root": str(tiny_stores), "frames": 20, "batch_size": 2, "seed": 5}
+    serial = list(SensoriumDataModule(**kwargs).train_dataloader())
+    parallel = list(SensoriumDataModule(num_workers=2, **kwargs).train_dataloader())
+    assert len(serial) == len(parallel)
+    for a, b in zip(serial, parallel, strict=True):
+        assert a["mouse_id"] == b["mouse_id"]
+        assert torch.equal(a["responses"], b["responses"])
+
+
 def test_bad_data_options(tiny_stores: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such folder"):
         SensoriumDataModule(root=str(tmp_path / "missing"))
@@ -127,10 +137,32 @@ def test_fit_evaluate_and_resume(tiny_stores: Path, tmp_path: Path) -> None:
     assert 0 < oracle["pooled"]["ground_truth_corr"] <= 1
     assert "fraction_of_ground_truth" in oracle["pooled"]
     assert "final_test_bonus" in metrics["tiers"]
+    # TensorBoard: scalars per mouse, the hparams tab, and the figures.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"val/traces", "val/correlation_histogram", "val/readout_positions"} <= set(tags["images"])
+    mouse = cli.datamodule.mouse_ids[0]
+    assert {"val/single_trial_corr", f"val/single_trial_corr/{mouse}", "val/oracle/feve"} <= set(tags["scalars"])
+    assert any(p.name.startswith("events") for p in Path(trainer.logger.log_dir).iterdir())
     # Resume: the second run continues from the checkpoint's step.
     resumed = _fit(tmp_path, tiny_stores, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt))
     assert resumed.trainer.current_epoch == 2
     assert resumed.trainer.global_step > trainer.global_step
+
+
+def test_predict_whole_trials(tiny_stores: Path, tmp_path: Path) -> None:
+    cli = _fit(tmp_path, tiny_stores)
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    predictions = cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    assert predictions
+    for out in predictions:
+        pred = out["prediction"]
+        assert pred.shape[1] == 24 and pred.shape[-1] == int(out["length"].max())
+        lost = 18  # the factorized core's temporal receptive field minus one
+        assert torch.isnan(pred[..., :lost]).all() and torch.isfinite(pred[..., lost:]).all()
 
 
 def test_checkpoint_with_other_neurons_is_refused(tiny_stores: Path, tmp_path: Path) -> None:

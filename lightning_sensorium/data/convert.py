@@ -44,10 +44,12 @@ from lightning_sensorium.data.layout import (
 )
 
 #: Bump when the store layout changes; stores of another version are rebuilt only with ``overwrite``.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STATS = ("mean", "std", "min", "max", "median")
-#: Frames per chunk of the big arrays (a random 80-frame window touches 2–3 chunks).
-FRAME_CHUNK = 50
+#: Small arrays are compressed; the big per-trial arrays (videos, responses, rates) are stored raw, one chunk per
+#: trial, time first: a window is then one contiguous byte range that MouseStore memory-maps (BENCHMARKS.md: lz4
+#: chunks of 50 frames read 3× slower than the official .npy files; raw trial chunks read faster, and uint8
+#: videos keep the store smaller than the release).
 _COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
@@ -294,6 +296,7 @@ def _create(
     dtype: Any,
     chunks: tuple[int, ...],
     dims: list[str],
+    raw: bool = False,
     **attrs: Any,
 ) -> zarr.Array:
     arr = group.create_array(
@@ -301,7 +304,7 @@ def _create(
         shape=shape,
         dtype=dtype,
         chunks=chunks,
-        compressors=_COMPRESSOR,
+        compressors=None if raw else _COMPRESSOR,
         dimension_names=dims,
         fill_value=0,
     )
@@ -335,11 +338,18 @@ def _write_store(session: _Session, plan: _Plan, dest: Path, progress: Any, grou
         "videos",
         (n, t_pad, height, width),
         video_dtype,
-        (1, FRAME_CHUNK, height, width),
+        (1, t_pad, height, width),
         ["trial", "frame", "height", "width"],
+        raw=True,
     )
     responses = _create(
-        root, "responses", (n, t_pad, n_neurons), np.float32, (1, FRAME_CHUNK, n_neurons), ["trial", "frame", "neuron"]
+        root,
+        "responses",
+        (n, t_pad, n_neurons),
+        np.float32,
+        (1, t_pad, n_neurons),
+        ["trial", "frame", "neuron"],
+        raw=True,
     )
     behavior = np.zeros((n, t_pad, 2), dtype=np.float32)
     pupil = np.zeros((n, t_pad, 2), dtype=np.float32)
@@ -354,7 +364,13 @@ def _write_store(session: _Session, plan: _Plan, dest: Path, progress: Any, grou
     if ground_truth is not None:
         gt = root.create_group("ground_truth")
         rates = _create(
-            gt, "rates", (n, t_pad, n_neurons), np.float32, (1, FRAME_CHUNK, n_neurons), ["trial", "frame", "neuron"]
+            gt,
+            "rates",
+            (n, t_pad, n_neurons),
+            np.float32,
+            (1, t_pad, n_neurons),
+            ["trial", "frame", "neuron"],
+            raw=True,
         )
 
     shapes = {

@@ -46,6 +46,13 @@ class Normalizer:
         self.behavior_scale = (1.0 / np.maximum(stats["behavior"]["std"], _TINY)).astype(np.float32)  # (T_pad, 2)
         self.pupil_mean = stats["pupil_center"]["mean"].astype(np.float32)  # (T_pad, 2)
         self.pupil_std = np.maximum(stats["pupil_center"]["std"], _TINY).astype(np.float32)
+        # Frames past the statistics (≥ 300) are never read (lengths are capped there); zero them once anyway so
+        # a bad frame cannot turn a batch into NaN.
+        for name in ("video_mean", "video_std", "precision", "behavior_scale", "pupil_mean", "pupil_std"):
+            arr = getattr(self, name)
+            np.nan_to_num(arr, copy=False, nan=0.0 if "mean" in name or "scale" in name else 1.0, posinf=0.0)
+        self.video_inv_std = (1.0 / self.video_std).astype(np.float32)
+        self.pupil_inv_std = (1.0 / self.pupil_std).astype(np.float32)
 
     def __call__(self, raw: dict[str, np.ndarray], frames: np.ndarray) -> dict[str, np.ndarray]:
         """Normalise arrays read for absolute frame indices ``frames`` (all of ``raw`` covers these frames)."""
@@ -55,16 +62,18 @@ class Normalizer:
             if "rates" in out:
                 out["rates"] = np.maximum(out["rates"], 0.0)
             return out
-        f = frames
-        out["videos"] = (out["videos"] - self.video_mean[f]) / self.video_std[f]
+        # Contiguous or strided frames index the statistics as a view (a slice), not a gathered copy.
+        f: slice | np.ndarray = frames
+        if len(frames) > 1 and np.all(np.diff(frames) == frames[1] - frames[0]) and frames[1] > frames[0]:
+            f = slice(int(frames[0]), int(frames[-1]) + 1, int(frames[1] - frames[0]))
+        elif len(frames) == 1:
+            f = slice(int(frames[0]), int(frames[0]) + 1)
+        out["videos"] = (out["videos"] - self.video_mean[f]) * self.video_inv_std[f]
         out["responses"] = out["responses"] * self.precision[f]
         if "rates" in out:
             out["rates"] = out["rates"] * self.precision[f]
         out["behavior"] = out["behavior"] * self.behavior_scale[f]
-        out["pupil_center"] = (out["pupil_center"] - self.pupil_mean[f]) / self.pupil_std[f]
-        for v in out.values():
-            # Frames past the statistics (≥ 300) are never read: lengths are capped there. Guard anyway.
-            np.nan_to_num(v, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        out["pupil_center"] = (out["pupil_center"] - self.pupil_mean[f]) * self.pupil_inv_std[f]
         return out
 
     def mean_responses(self) -> np.ndarray:

@@ -60,19 +60,56 @@ class MouseStore:
         self.pupil_center: np.ndarray = np.asarray(root["pupil_center"][...])
         self.video_shape: tuple[int, int] = (int(attrs["height"]), int(attrs["width"]))
         self._arrays: dict[str, Any] = {}
+        self._raw_layout: dict[str, tuple[Any, ...]] = {}
 
     def _open(self) -> zarr.Group:
         return zarr.open_group(self.path, mode="r", storage_options=self.storage_options)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_arrays"] = {}  # zarr handles are re-opened in the worker process
+        state["_arrays"], state["_raw_layout"] = {}, {}  # zarr handles are re-opened in the worker process
         return state
 
     def _array(self, name: str) -> Any:
         if name not in self._arrays:
             self._arrays[name] = self._open()[name]
         return self._arrays[name]
+
+    def _raw(self, name: str) -> tuple[Any, tuple[int, ...]] | None:
+        """``(dtype, trial shape)`` if ``name`` is a raw, one-chunk-per-trial array of a local store, else None."""
+        if name not in self._raw_layout:
+            arr = self._array(name)
+            raw = (
+                "://" not in self.path
+                and not arr.compressors
+                and arr.shards is None
+                and arr.chunks == (1, *arr.shape[1:])
+                and len(arr.metadata.codecs) == 1
+                and arr.metadata.chunk_key_encoding.separator == "/"
+            )
+            self._raw_layout[name] = (arr.dtype.newbyteorder("<"), tuple(arr.shape[1:])) if raw else ()
+        layout = self._raw_layout[name]
+        return (layout[0], layout[1]) if layout else None
+
+    def _slice(self, name: str, trial: int, start: int, stop: int) -> np.ndarray:
+        """Frames ``[start, stop)`` of one trial of a big array.
+
+        Zarr v3 stores an uncompressed chunk as the array's bytes in C order at ``<name>/c/<trial>/0[/0…]`` (the
+        default chunk key encoding). With one chunk per trial, time first, a window is one contiguous byte range:
+        one positioned read, no decoding, nothing else of the trial touched. Remote or compressed arrays go
+        through zarr.
+        """
+        layout = self._raw(name)
+        if layout is None:
+            return np.asarray(self._array(name)[trial, start:stop])
+        dtype, shape = layout
+        stop = min(stop, shape[0])
+        frame = int(np.prod(shape[1:]))
+        chunk = Path(self.path, *name.split("/"), "c", str(trial), *(["0"] * len(shape)))
+        if not chunk.is_file():  # chunks equal to the fill value (0) are not written
+            return np.zeros((stop - start, *shape[1:]), dtype)
+        data = np.fromfile(chunk, dtype=dtype, count=(stop - start) * frame, offset=start * frame * dtype.itemsize)
+        return data.reshape(stop - start, *shape[1:])
 
     # -------------------------------------------------------------------------------------------- metadata
     def trials(self, tiers: list[str] | tuple[str, ...]) -> np.ndarray:
@@ -120,11 +157,11 @@ class MouseStore:
         ground-truth ``rates (T, N)`` if asked (synthetic mice only).
         """
         out = {
-            "videos": np.asarray(self._array("videos")[trial, start:stop]),
-            "responses": np.asarray(self._array("responses")[trial, start:stop]),
+            "videos": self._slice("videos", trial, start, stop),
+            "responses": self._slice("responses", trial, start, stop),
             "behavior": self.behavior[trial, start:stop],
             "pupil_center": self.pupil_center[trial, start:stop],
         }
         if rates:
-            out["rates"] = np.asarray(self._array("ground_truth/rates")[trial, start:stop])
+            out["rates"] = self._slice("ground_truth/rates", trial, start, stop)
         return out

@@ -1,4 +1,11 @@
-"""Blocks and functions shared by several architectures (one place for each piece of logic)."""
+"""Blocks and functions shared by several architectures: each piece of logic lives here once.
+
+* :class:`ELU1`: the positive output nonlinearity ``ELU(x) + 1`` of the baselines and Dynamic-V1FM.
+* :func:`behavior_as_channels`: behaviour (and pupil centre) broadcast to constant image channels. The cores call
+  it, not the data loader: the batch always carries a 1-channel video plus the raw signals, and each core decides
+  what enters as channels (the baselines: behaviour only; DwiseNeuro and ViV1T: behaviour and pupil centre).
+* :func:`laplace_l2norm`, :func:`depth_laplace_l21d`: the smoothness penalties of the first-layer filters.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +15,70 @@ from torch import Tensor, nn
 
 
 class ELU1(nn.Module):
-    """``ELU(x) + 1``: the baselines' positive output nonlinearity."""
+    """``ELU(x + offset) + 1``: a positive firing rate (``VideoFiringRateEncoder``, ``elu_offset=0``).
+
+    https://github.com/ecker-lab/sensorium_2023/blob/main/sensorium/models/video_encoder.py
+
+    Args:
+        offset: shift of the input before the ELU.
+    """
+
+    def __init__(self, offset: float = 0.0) -> None:
+        super().__init__()
+        self.offset = offset
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.elu(x) + 1.0
+        return F.elu(x + self.offset) + 1.0
+
+    def extra_repr(self) -> str:
+        return f"offset={self.offset}"
 
 
 def behavior_as_channels(video: Tensor, behavior: Tensor | None, pupil_center: Tensor | None = None) -> Tensor:
-    """Append behaviour (and pupil-centre) signals as constant image channels, as the official loaders do.
+    """Append per-frame signals to the video as constant image channels, after the video channels.
 
     ``video (B, C, T, H, W)``, ``behavior (B, 2, T)``, ``pupil_center (B, 2, T)`` → ``(B, C + 2 [+ 2], T, H, W)``.
+    Signals passed as None are left out. Same order and values as neuralpredictors' ``AddBehaviorAsChannels``:
+    https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/data/transforms.py
     """
-    b, _, t, h, w = video.shape
-    extra = [x for x in (behavior, pupil_center) if x is not None]
-    if not extra:
+    signals = [s for s in (behavior, pupil_center) if s is not None]
+    if not signals:
         return video
-    maps = torch.cat(extra, dim=1)[..., None, None].expand(b, -1, t, h, w)  # (B, 2|4, T, H, W)
-    return torch.cat([video, maps.to(video.dtype)], dim=1)
+    b, _, t, h, w = video.shape
+    maps = torch.cat(signals, dim=1).to(video.dtype)  # (B, S, T)
+    maps = maps[..., None, None].expand(b, -1, t, h, w)  # (B, S, T, H, W), a view: no copy before the cat
+    return torch.cat([video, maps], dim=1)  # (B, C + S, T, H, W)
 
 
+# neuralpredictors regularizers.py `laplace()` and `laplace1d()`. The 1D filter sums to 2: it is not a second
+# difference, and it penalises the filter's energy as well as its roughness (models.md §2). Kept as the original.
 _LAPLACE_2D = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
 _LAPLACE_1D = torch.tensor([-1.0, 4.0, -1.0])
 
 
-def laplace_l2(weight: Tensor) -> Tensor:
-    """Smoothness of 2D filters ``(O, I, k, k)``: Σ(Laplace * w)² / Σ w² (neuralpredictors ``LaplaceL2norm``).
+def laplace_l2norm(weight: Tensor) -> Tensor:
+    """Normalised Laplace smoothness of 2D filters ``(O, I, kh, kw)``: ``Σ (L ∗ w)² / Σ w²``.
 
+    ``L`` is the 3×3 Laplace filter, applied with zero padding 1 (the original's ``padding=None`` → ``3 // 2``);
+    sums run over all ``O·I`` filters (``avg=False``). Port of ``LaplaceL2norm``:
     https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/regularizers.py
     """
-    o, i, k1, k2 = weight.shape
-    w = weight.reshape(o * i, 1, k1, k2)  # (O·I, 1, k, k)
-    lap = F.conv2d(w, _LAPLACE_2D.to(w)[None, None], padding=1)
+    o, i, kh, kw = weight.shape
+    w = weight.reshape(o * i, 1, kh, kw)  # (O·I, 1, kh, kw)
+    lap = F.conv2d(w, _LAPLACE_2D.to(w)[None, None], padding=1)  # (O·I, 1, kh, kw)
     return lap.pow(2).sum() / w.pow(2).sum()
 
 
-def depth_laplace_l2_1d(weight: Tensor) -> Tensor:
-    """Smoothness of 1D temporal filters ``(O, I, t)`` with the [-1, 4, -1] filter (``DepthLaplaceL21d``).
+def depth_laplace_l21d(weight: Tensor) -> Tensor:
+    """Normalised 1D Laplace smoothness of temporal filters ``(O, I, t)``: ``Σ ([-1, 4, -1] ∗ w)² / Σ w²``.
 
-    The filter sums to 2 (not a true second difference); kept as the original has it (models.md §2).
+    Zero padding 1, sums over all ``O·I`` filters (``avg=False``). Port of ``DepthLaplaceL21d``:
+    https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/regularizers.py
     """
     o, i, t = weight.shape
     w = weight.reshape(o * i, 1, t)  # (O·I, 1, t)
-    lap = F.conv1d(w, _LAPLACE_1D.to(w)[None, None], padding=1)
+    lap = F.conv1d(w, _LAPLACE_1D.to(w)[None, None], padding=1)  # (O·I, 1, t)
     return lap.pow(2).sum() / w.pow(2).sum()
+
+
+__all__ = ["ELU1", "behavior_as_channels", "depth_laplace_l21d", "laplace_l2norm"]

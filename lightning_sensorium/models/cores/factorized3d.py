@@ -1,10 +1,23 @@
-"""Factorized 3D core of the SENSORIUM 2023 factorized baseline.
+"""Factorized 3D core of the SENSORIUM 2023 factorized baseline (models.md §2).
 
-Port of neuralpredictors' ``Factorized3dCore`` as the 2023 benchmark notebook configures it (models.md §2):
+Port of neuralpredictors' ``Factorized3dCore`` as the 2023 benchmark notebook configures it:
 https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/cores/conv3d.py
-Each layer is a spatial ``(1, k, k)`` convolution, then a temporal ``(t, 1, 1)`` one (both with bias, no
-nonlinearity between), then BatchNorm (momentum 0.7) and ELU. Convolutions are valid, so the core is causal:
-output frame k sees input frames k … k + 18 (36×64×80 → 18×46×62 with the default kernels).
+https://github.com/ecker-lab/sensorium_2023/blob/main/notebooks/benchmarks_training.ipynb
+
+Each layer::
+
+    x ─► Conv3d (1, k, k) ─► Conv3d (t, 1, 1) ─► BatchNorm3d ─► ELU ─► y
+         spatial, bias       temporal, bias      affine, momentum 0.7
+
+All convolutions are valid (unpadded), stride 1, with a bias even before BatchNorm, and there is no nonlinearity
+between the spatial and the temporal convolution. With the defaults a (3, 80, 36, 64) input becomes
+(128, 62, 18, 46): 18 frames are lost, the receptive field is 19 frames × 19 × 19 pixels, and the core is causal —
+output frame ``k`` sees input frames ``k … k + 18`` and belongs to input frame ``k + 18`` (the last).
+
+Differences from the original, none of which changes the 2023 model: only valid convolutions, stride 1, ELU, and
+square spatial kernels are offered (the options the benchmark does not use are left out), and the layers are named
+``layers.<i>.{conv_spatial,conv_temporal,norm,nonlin}`` in every layer (the original adds ``_<i>`` to the
+hidden layers' conv names and keeps them under ``features``).
 """
 
 from __future__ import annotations
@@ -12,32 +25,40 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lightning_sensorium.models.cores.base import Core
-from lightning_sensorium.models.layers import behavior_as_channels, depth_laplace_l2_1d, laplace_l2
+from lightning_sensorium.models.layers import behavior_as_channels, depth_laplace_l21d, laplace_l2norm
 
 
-class _FactorizedLayer(nn.Sequential):
-    def __init__(self, cin: int, cout: int, spatial: int, temporal: int, momentum: float) -> None:
+class _FactorizedBlock(nn.Sequential):
+    """Spatial ``(1, k, k)`` conv → temporal ``(t, 1, 1)`` conv → BatchNorm3d → ELU, all valid."""
+
+    def __init__(self, in_channels: int, out_channels: int, spatial: int, temporal: int, momentum: float) -> None:
         super().__init__()
-        self.conv_spatial = nn.Conv3d(cin, cout, (1, spatial, spatial))
-        self.conv_temporal = nn.Conv3d(cout, cout, (temporal, 1, 1))
-        self.norm = nn.BatchNorm3d(cout, momentum=momentum)
-        self.nonlinearity = nn.ELU()
+        self.conv_spatial = nn.Conv3d(in_channels, out_channels, (1, spatial, spatial))
+        self.conv_temporal = nn.Conv3d(out_channels, out_channels, (temporal, 1, 1))
+        self.norm = nn.BatchNorm3d(out_channels, momentum=momentum)
+        self.nonlin = nn.ELU()
 
 
 class Factorized3dCore(Core):
-    """Stack of factorized (spatial then temporal) valid 3D convolutions.
+    """Stack of factorized (spatial, then temporal) valid 3D convolutions: the factorized baseline's core.
+
+    Input channels are the video's, then the behaviour maps, then the pupil-centre maps, as enabled (default
+    1 + 2 = 3, the baseline's). Each signal is broadcast over H × W by
+    :func:`~lightning_sensorium.models.layers.behavior_as_channels` inside :meth:`forward`.
 
     Args:
-        hidden_channels: output channels of each layer.
-        spatial_input_kernel: spatial kernel of the first layer.
-        temporal_input_kernel: temporal kernel of the first layer.
-        spatial_hidden_kernel: spatial kernel of the other layers.
-        temporal_hidden_kernel: temporal kernel of the other layers.
-        batch_norm_momentum: BatchNorm momentum (the original's 0.7 makes running stats ≈ the last batch).
-        behavior_channels: feed pupil size and running speed as two extra constant image channels.
-        pupil_channels: also feed the pupil centre as two channels (off in the baseline: it drives a shifter).
+        hidden_channels: output channels of each layer (the number of layers is its length).
+        spatial_input_kernel: spatial kernel size (square) of the first layer.
+        temporal_input_kernel: temporal kernel size of the first layer.
+        spatial_hidden_kernel: spatial kernel size (square) of the other layers.
+        temporal_hidden_kernel: temporal kernel size of the other layers.
+        batch_norm_momentum: BatchNorm momentum, PyTorch convention (0.7: running stats ≈ the last few batches).
+        video_channels: channels of the video itself (1, grey).
+        behavior_channels: add pupil size and running speed as 2 constant image channels.
+        pupil_channels: add the pupil centre as 2 channels too (off in the baseline: it drives the shifter).
         spatial_reg_weight: weight of the Laplace smoothness of the first spatial filters (``gamma_input_spatial``).
-        temporal_reg_weight: weight of the 1D Laplace smoothness of the first temporal filters.
+        temporal_reg_weight: weight of the 1D Laplace smoothness of the first temporal filters
+            (``gamma_input_temporal``).
     """
 
     def __init__(
@@ -48,47 +69,72 @@ class Factorized3dCore(Core):
         spatial_hidden_kernel: int = 5,
         temporal_hidden_kernel: int = 5,
         batch_norm_momentum: float = 0.7,
+        video_channels: int = 1,
         behavior_channels: bool = True,
         pupil_channels: bool = False,
         spatial_reg_weight: float = 10.0,
         temporal_reg_weight: float = 0.01,
     ) -> None:
         super().__init__()
-        self.behavior_channels, self.pupil_channels = behavior_channels, pupil_channels
-        self.spatial_reg_weight, self.temporal_reg_weight = spatial_reg_weight, temporal_reg_weight
-        cin = 1 + 2 * behavior_channels + 2 * pupil_channels
-        layers = []
-        for i, cout in enumerate(hidden_channels):
+        if not hidden_channels:
+            raise ValueError("hidden_channels needs at least one layer")
+        self.video_channels = video_channels
+        self.behavior_channels = behavior_channels
+        self.pupil_channels = pupil_channels
+        self.spatial_reg_weight = spatial_reg_weight
+        self.temporal_reg_weight = temporal_reg_weight
+        self.input_channels = video_channels + 2 * behavior_channels + 2 * pupil_channels
+        blocks = []
+        in_channels = self.input_channels
+        for i, out_channels in enumerate(hidden_channels):
             spatial = spatial_input_kernel if i == 0 else spatial_hidden_kernel
             temporal = temporal_input_kernel if i == 0 else temporal_hidden_kernel
-            layers.append(_FactorizedLayer(cin, cout, spatial, temporal, batch_norm_momentum))
-            cin = cout
-        self.layers = nn.Sequential(*layers)
+            blocks.append(_FactorizedBlock(in_channels, out_channels, spatial, temporal, batch_norm_momentum))
+            in_channels = out_channels
+        self.layers = nn.Sequential(*blocks)
+        self.out_channels = in_channels
+        # Valid convolutions shrink each axis by (kernel − 1) per layer.
+        self._frames_lost = sum(b.conv_temporal.kernel_size[0] - 1 for b in blocks)
+        self._pixels_lost = sum(b.conv_spatial.kernel_size[1] - 1 for b in blocks)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-normal conv weights and zero conv biases (``Core3d.init_conv``); BatchNorm keeps its defaults."""
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.xavier_normal_(m.weight)
-                nn.init.zeros_(m.bias)  # type: ignore[arg-type]
-        self.lost_frames = sum(layer.conv_temporal.kernel_size[0] - 1 for layer in layers)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, video: Tensor, behavior: Tensor | None = None, pupil_center: Tensor | None = None) -> Tensor:
+        if self.behavior_channels and behavior is None:
+            raise ValueError("Factorized3dCore(behavior_channels=True) needs `behavior` (B, 2, T)")
+        if self.pupil_channels and pupil_center is None:
+            raise ValueError("Factorized3dCore(pupil_channels=True) needs `pupil_center` (B, 2, T)")
         x = behavior_as_channels(
             video,
             behavior if self.behavior_channels else None,
             pupil_center if self.pupil_channels else None,
         )  # (B, C_in, T, H, W)
-        return self.layers(x)  # (B, C, T - lost_frames, H', W')
+        return self.layers(x)  # (B, C', T − lost, H − lost_px, W − lost_px)
+
+    def _input_block(self) -> _FactorizedBlock:
+        block = self.layers[0]
+        assert isinstance(block, _FactorizedBlock)
+        return block
 
     def regularizer(self) -> Tensor:
-        first = self.layers[0]
-        spatial = first.conv_spatial.weight[:, :, 0]  # (O, I, k, k)
-        temporal = first.conv_temporal.weight[:, :, :, 0, 0]  # (O, I, t)
-        return self.spatial_reg_weight * laplace_l2(spatial) + self.temporal_reg_weight * depth_laplace_l2_1d(temporal)
+        """``spatial_reg_weight · LaplaceL2norm(W_spatial0) + temporal_reg_weight · DepthLaplaceL21d(W_temporal0)``."""
+        block = self._input_block()
+        spatial = block.conv_spatial.weight[:, :, 0]  # (O, I, k, k)
+        temporal = block.conv_temporal.weight[:, :, :, 0, 0]  # (O, O, t)
+        return self.spatial_reg_weight * laplace_l2norm(spatial) + self.temporal_reg_weight * depth_laplace_l21d(
+            temporal
+        )
 
-    def output_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        h, w = height, width
-        for layer in self.layers:
-            k = int(layer.conv_spatial.kernel_size[1])
-            h, w = h - k + 1, w - k + 1
-        last: _FactorizedLayer = self.layers[-1]  # type: ignore[assignment]
-        channels = last.conv_temporal.out_channels
-        return channels, frames - self.lost_frames, h, w
+    def output_shape(self, input_shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        _, t, h, w = input_shape
+        return self.out_channels, t - self._frames_lost, h - self._pixels_lost, w - self._pixels_lost
+
+
+__all__ = ["Factorized3dCore"]

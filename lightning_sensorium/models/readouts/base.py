@@ -1,4 +1,4 @@
-"""The Readout contract: one per mouse, features of the shared core in, responses of that mouse's neurons out."""
+"""The Readout contract: one per mouse; features of the shared core in, that mouse's responses out."""
 
 from __future__ import annotations
 
@@ -11,15 +11,19 @@ from lightning_sensorium.data.batch import NeuronInfo
 
 
 class Readout(nn.Module, ABC):
-    """Built as ``Readout(in_shape=(C, H, W), neurons=NeuronInfo, **options)``.
+    """Per-mouse readout, built as ``Readout(in_shape=(C, H, W), neurons=NeuronInfo, <typed options>)``.
 
-    ``forward(features (B, C, T, H, W), shift (B, T, 2) | None)`` returns ``(B, N, T)`` (before the output
-    nonlinearity of the Encoder).
+    The Encoder receives the class (or a partial of it, from YAML) as a factory
+    ``Callable[[tuple[int, int, int], NeuronInfo], Readout]`` and calls it once per mouse.
+
+    ``forward(features (B, C, T, H, W), shift (B, T, 2) | None)`` returns ``(B, N, T)``, before the Encoder's
+    output nonlinearity. ``shift`` moves every neuron's read position by (x, y) in the normalised [-1, 1] frame.
     """
 
     def __init__(self, in_shape: tuple[int, int, int], neurons: NeuronInfo) -> None:
         super().__init__()
-        self.in_shape = tuple(in_shape)
+        c, h, w = in_shape
+        self.in_shape: tuple[int, int, int] = (int(c), int(h), int(w))
         self.mouse_id = neurons.mouse_id
         self.num_neurons = neurons.num_neurons
 
@@ -28,5 +32,9 @@ class Readout(nn.Module, ABC):
         """Responses ``(B, N, T)``."""
 
     def regularizer(self) -> Tensor:
-        """Penalty added to the loss (default none)."""
-        return torch.zeros((), device=next(self.parameters()).device)
+        """Penalty added to the training loss (default: none)."""
+        param = next(self.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+
+
+__all__ = ["Readout"]
