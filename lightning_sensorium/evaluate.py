@@ -114,4 +114,7 @@ def print_table(results: dict[str, Any]) -> None:
         table.add_row(tier, "[b]pooled[/b]", *(fmt(res["pooled"].get(n)) for n in TABLE_METRICS))
         for mouse, vals in res["per_mouse"].items():
             table.add_row("", mouse, *(fmt(vals.get(n)) for n in TABLE_METRICS))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # logs and pipes: do not squeeze mouse ids into 80 columns
+    console.print(table)
