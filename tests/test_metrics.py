@@ -1,8 +1,8 @@
-"""Metrics against plain NumPy references: pooling, masking, stability, repeats, DDP exactness."""
+"""Metrics against plain NumPy references: pooling, masking, stability, repeats, dtype pinning, DDP exactness."""
 
 from __future__ import annotations
 
-import os
+import socket
 
 import numpy as np
 import pytest
@@ -13,161 +13,226 @@ import torch.multiprocessing as mp
 from lightning_sensorium.metrics import RepeatMetrics, SingleTrialCorrelation, pooled_mean
 
 SKIP = 50
+MAX_FRAMES = 120
 
 
+# ------------------------------------------------------------------------------------------ NumPy references
 def ref_corr(x: np.ndarray, y: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    """The official formula on (samples, N)."""
-    xz = (x - x.mean(0)) / (x.std(0) + eps)
-    yz = (y - y.mean(0)) / (y.std(0) + eps)
-    return np.nan_to_num((xz * yz).mean(0))
+    """The official ``corr`` on (samples, N), float64, NaN → 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xz = (x - x.mean(0)) / (x.std(0) + eps)
+        yz = (y - y.mean(0)) / (y.std(0) + eps)
+        return np.nan_to_num((xz * yz).mean(0))
 
 
-def pooled_frames(a: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """(B, N, T) → (Σ scored frames, N)."""
+def scored_frames(a: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(B, N, T) → (Σ scored frames, N): the trials' frames skip ≤ t < length concatenated."""
     return np.concatenate([a[b, :, SKIP : lengths[b]].T for b in range(len(a))])
 
 
-def make_data(seed: int = 0, b: int = 9, n: int = 12, t: int = 120):
+def ref_repeat(preds: np.ndarray, target: np.ndarray, lengths: np.ndarray, clips: np.ndarray) -> dict[str, np.ndarray]:
+    """Correlation to average, leave-one-out oracle, FEV and FEVE by explicit grouping (loops, float64)."""
+    avg_y, avg_p, loo_y, loo_m, groups_y, groups_p = [], [], [], [], [], []
+    for c in np.unique(clips):
+        members = np.flatnonzero(clips == c)
+        for t in range(SKIP, min(lengths[members].max(), MAX_FRAMES)):
+            rows = [b for b in members if t < lengths[b]]
+            y, p = target[rows, :, t], preds[rows, :, t]  # (repeats, N)
+            avg_y.append(y.mean(0))
+            avg_p.append(p.mean(0))
+            if len(rows) >= 2:
+                loo_y.append(y)
+                loo_m.append((y.sum(0) - y) / (len(rows) - 1))  # mean of the other repeats
+                groups_y.append(y)
+                groups_p.append(p)
+    # neuralpredictors `fev`, with a sample = (clip, frame) in the role of an image
+    total_var = np.var(np.vstack(groups_y), axis=0, ddof=1)
+    noise_var = np.mean([np.var(g, axis=0, ddof=1) for g in groups_y], axis=0)
+    mse = np.mean(np.vstack([(g - p) ** 2 for g, p in zip(groups_y, groups_p, strict=True)]), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fev = (total_var - noise_var) / total_var
+        feve = 1 - (mse - noise_var) / (total_var - noise_var)
+    return {
+        "repeat_averaged_corr": ref_corr(np.array(avg_y), np.array(avg_p)),
+        "oracle_corr": ref_corr(np.vstack(loo_y), np.vstack(loo_m)),
+        "fev": fev,
+        "feve": feve,
+    }
+
+
+# ------------------------------------------------------------------------------------------ data
+def single_data(seed: int = 0, b: int = 9, n: int = 8, t: int = 120) -> tuple[np.ndarray, ...]:
+    """Trials of varying length with NaN padding, a constant, a single-spike and an offset neuron (float32 values)."""
     rng = np.random.default_rng(seed)
     target = rng.gamma(0.5, 2.0, size=(b, n, t))
     preds = 0.5 * target + rng.normal(0, 1, size=(b, n, t))
     lengths = rng.integers(70, t + 1, size=b)
-    target[:, 0] = 3.0  # a constant neuron
+    target[:, 0] = 3.0  # constant neuron
     target[:, 1] = 0.0
-    target[4, 1, 80] = 5.0  # a single-spike neuron
-    preds[:, 2] += 1000.0  # a large offset
-    return preds, target, lengths
+    target[4, 1, 80] = 5.0  # silent but for one spike
+    target[:, 2] += 1000.0  # large offsets
+    preds[:, 3] += 1000.0
+    for i, length in enumerate(lengths):
+        target[i, :, length:] = np.nan  # padding must be ignored
+        preds[i, :, length:] = np.nan
+    return preds.astype(np.float32), target.astype(np.float32), lengths
 
 
-def test_single_trial_matches_numpy_however_batched() -> None:
-    preds, target, lengths = make_data()
-    ref = ref_corr(pooled_frames(preds, lengths), pooled_frames(target, lengths))
-    for split in ([9], [1] * 9, [4, 2, 3]):
-        metric = SingleTrialCorrelation(12, skip_frames=SKIP)
-        start = 0
-        for size in split:
-            sl = slice(start, start + size)
-            metric.update(torch.tensor(preds[sl]).float(), torch.tensor(target[sl]).float(), torch.tensor(lengths[sl]))
-            start += size
-        got = metric.compute().numpy()
-        np.testing.assert_allclose(got, ref, atol=1e-5)  # inputs are float32: ulp(1000) ≈ 6e-5
-    assert got[0] == 0.0 and np.isfinite(got).all()
-    assert got[1] != 0.0  # the single spike still correlates
-
-
-def ref_repeat(preds, target, lengths, clips):
-    """Correlation to average, LOO oracle, FEVE in plain NumPy (loops, float64)."""
-    n = target.shape[1]
-    avg_y, avg_p, loo_y, loo_m, se, ys, groups = [], [], [], [], [], [], []
-    for c in np.unique(clips):
-        members = np.flatnonzero(clips == c)
-        tmax = lengths[members].max()
-        for t in range(SKIP, tmax):
-            rows = [b for b in members if t < lengths[b]]
-            y = target[rows, :, t]
-            p = preds[rows, :, t]
-            avg_y.append(y.mean(0))
-            avg_p.append(p.mean(0))
-            if len(rows) >= 2:
-                for j in range(len(rows)):
-                    loo_y.append(y[j])
-                    loo_m.append(np.delete(y, j, 0).mean(0))
-                se.append(((y - p) ** 2).sum(0))
-                ys.append(y)
-                groups.append(len(rows))
-    repeat = ref_corr(np.array(avg_y), np.array(avg_p))
-    oracle = ref_corr(np.array(loo_y), np.array(loo_m))
-    allv = np.concatenate(ys)
-    total_var = allv.var(0, ddof=1)
-    noise_var = np.mean([g.var(0, ddof=1) for g in ys], axis=0)
-    mse = np.sum(se, axis=0) / len(allv)
-    feve = 1 - (mse - noise_var) / (total_var - noise_var)
-    fev = (total_var - noise_var) / total_var
-    return repeat, oracle, np.nan_to_num(feve), np.nan_to_num(fev), n
-
-
-def repeat_data(seed: int = 1):
+def repeat_data(seed: int = 1, n: int = 6, t: int = 110) -> tuple[np.ndarray, ...]:
+    """Clips with 3, 2, 4 and 1 repeats; repeats of a clip differ in length; one constant and one offset neuron."""
     rng = np.random.default_rng(seed)
-    clips = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])  # clip 3 has a single repeat
-    signal = rng.gamma(1.0, 1.0, size=(4, 6, 110))
-    target = signal[clips] + rng.normal(0, 0.5, size=(10, 6, 110))
-    preds = signal[clips] * 0.8 + rng.normal(0, 0.3, size=(10, 6, 110))
-    lengths = np.array([110, 110, 110, 100, 100, 90, 90, 90, 90, 105])
-    return preds, target, lengths, clips
+    clips = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    lengths = np.array([110, 110, 95, 100, 80, 90, 90, 90, 70, 105])  # clip 1: frames 80..99 have one repeat
+    signal = rng.gamma(1.0, 1.0, size=(4, n, t))
+    target = signal[clips] + rng.normal(0, 0.5, size=(10, n, t))
+    preds = signal[clips] * 0.8 + rng.normal(0, 0.3, size=(10, n, t))
+    target[:, 0] = 2.0  # constant neuron
+    target[:, 1] += 1000.0  # offset neuron
+    preds[:, 1] += 1000.0
+    for i, length in enumerate(lengths):
+        target[i, :, length:] = np.nan
+        preds[i, :, length:] = np.nan
+    return preds.astype(np.float32), target.astype(np.float32), lengths, clips
 
 
-def test_repeat_metrics_match_numpy() -> None:
+def _t(*arrays: np.ndarray) -> list[torch.Tensor]:
+    return [torch.from_numpy(a) for a in arrays]
+
+
+def _single(preds: np.ndarray, target: np.ndarray, lengths: np.ndarray, split: list[int]) -> SingleTrialCorrelation:
+    metric = SingleTrialCorrelation(target.shape[1], skip_frames=SKIP)
+    start = 0
+    for size in split:
+        sl = slice(start, start + size)
+        metric.update(*_t(preds[sl], target[sl], lengths[sl]))
+        start += size
+    return metric
+
+
+def _repeat(preds: np.ndarray, target: np.ndarray, lengths: np.ndarray, clips: np.ndarray, rows: list[list[int]]):
+    metric = RepeatMetrics(target.shape[1], num_clips=4, max_frames=MAX_FRAMES, skip_frames=SKIP)
+    for r in rows:
+        metric.update(*_t(preds[r], target[r], clips[r], lengths[r]))
+    return metric
+
+
+# ------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("split", [[9], [1] * 9, [4, 2, 3]])
+def test_single_trial_matches_numpy_however_batched(split: list[int]) -> None:
+    preds, target, lengths = single_data()
+    ref = ref_corr(scored_frames(preds, lengths).astype(np.float64), scored_frames(target, lengths).astype(np.float64))
+    got = _single(preds, target, lengths, split).compute().numpy()
+    assert np.isfinite(got).all()
+    assert got[0] == 0.0  # constant neuron → 0, not NaN
+    assert abs(got[1]) > 1e-3  # the single spike still correlates
+    np.testing.assert_allclose(got, ref, atol=2e-6)  # includes the +1000 offsets on neurons 2 and 3
+
+
+def test_single_trial_without_lengths_scores_all_frames_after_skip() -> None:
+    preds, target, _ = single_data()
+    full = np.full(len(target), target.shape[-1])
+    preds, target = np.nan_to_num(preds), np.nan_to_num(target)
+    metric = SingleTrialCorrelation(target.shape[1], skip_frames=SKIP)
+    metric.update(*_t(preds, target))
+    ref = ref_corr(scored_frames(preds, full).astype(np.float64), scored_frames(target, full).astype(np.float64))
+    np.testing.assert_allclose(metric.compute().numpy(), ref, atol=2e-6)
+
+
+@pytest.mark.parametrize("rows", [[list(range(10))], [[9, 0, 5], [3, 1, 6, 2], [8, 4, 7]]])
+def test_repeat_metrics_match_numpy(rows: list[list[int]]) -> None:
     preds, target, lengths, clips = repeat_data()
-    repeat, oracle, feve, fev, n = ref_repeat(preds, target, lengths, clips)
-    metric = RepeatMetrics(n, num_clips=4, max_frames=120, skip_frames=SKIP)
-    for sl in (slice(0, 4), slice(4, 7), slice(7, 10)):
-        metric.update(
-            torch.tensor(preds[sl]), torch.tensor(target[sl]), torch.tensor(clips[sl]), torch.tensor(lengths[sl])
-        )
-    got = metric.compute()
-    np.testing.assert_allclose(got["repeat_averaged_corr"].numpy(), repeat, atol=1e-5)
-    np.testing.assert_allclose(got["oracle_corr"].numpy(), oracle, atol=1e-5)
-    np.testing.assert_allclose(got["feve"].numpy(), feve, atol=1e-4)
-    np.testing.assert_allclose(got["fev"].numpy(), fev, atol=1e-4)
-    np.testing.assert_array_equal(got["fev_mask"].numpy(), (fev >= 0.15).astype(np.float32))
+    ref = ref_repeat(preds.astype(np.float64), target.astype(np.float64), lengths, clips)
+    got = _repeat(preds, target, lengths, clips, rows).compute()
+    for key in ("repeat_averaged_corr", "oracle_corr", "fev", "feve"):
+        assert torch.isfinite(got[key]).all(), key
+        assert got[key][0] == 0.0, key  # constant neuron: 0, not NaN
+        np.testing.assert_allclose(got[key][1:].numpy(), ref[key][1:], atol=2e-6, err_msg=key)
+    mask = np.nan_to_num(ref["fev"]) >= 0.15
+    np.testing.assert_array_equal(got["fev_mask"].numpy(), mask)
+    assert mask.sum() >= 2
+    assert got["feve_mean"].item() == pytest.approx(ref["feve"][mask].mean(), abs=2e-6)
+
+
+def test_repeat_metrics_with_single_repeats_only() -> None:
+    """No clip repeats: oracle/FEV/FEVE are 0 (no NaN) and the correlation to average is the single-trial one."""
+    preds, target, lengths, _ = repeat_data()
+    keep = [0, 3, 5, 9]  # one trial of each clip
+    clips = np.arange(4)
+    got = _repeat(preds[keep], target[keep], lengths[keep], clips, [[0, 1, 2, 3]]).compute()
+    single = _single(preds[keep], target[keep], lengths[keep], [4]).compute()
+    np.testing.assert_allclose(got["repeat_averaged_corr"].numpy(), single.numpy(), atol=2e-6)
+    for key in ("oracle_corr", "fev", "feve"):
+        assert (got[key] == 0).all(), key
+    assert not got["fev_mask"].any()
+    assert torch.isnan(got["feve_mean"])
 
 
 def test_states_stay_float64_under_bf16() -> None:
-    metric = SingleTrialCorrelation(3).to(torch.bfloat16)
-    assert metric.sxx.dtype == torch.float64
-    repeat = RepeatMetrics(3, num_clips=2, max_frames=60).to(torch.bfloat16)
-    assert repeat.sum_y.dtype == torch.float32 and repeat.count.dtype == torch.float64
+    preds, target, lengths = single_data()
+    single = _single(preds, target, lengths, [9])
+    before = single.compute()
+    single = single.to(torch.bfloat16)
+    assert single.sxx.dtype == torch.float64 and single._defaults["sxx"].dtype == torch.float64
+    single._computed = None
+    np.testing.assert_array_equal(single.compute().numpy(), before.numpy())  # accumulated values kept exactly
+    repeat = RepeatMetrics(3, num_clips=2, max_frames=60, skip_frames=SKIP).to(torch.bfloat16)
+    assert repeat.sum_y.dtype == repeat.count.dtype == torch.float64 and repeat.sum_p.dtype == torch.float32
 
 
 def test_pooled_mean_is_neuron_weighted() -> None:
     values = {"a": torch.tensor([1.0, 1.0, 1.0]), "b": torch.tensor([0.0])}
     assert pooled_mean(values).item() == pytest.approx(0.75)  # not (1 + 0) / 2
+    assert torch.isnan(pooled_mean({}))
 
 
-def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    preds, target, lengths = make_data()
-    rp, rt, rl, rc = repeat_data()
-    # Uneven splits; the repeats of clips 0 and 2 are split across the ranks.
-    single_rows = [0, 1, 2, 3, 4] if rank == 0 else [5, 6, 7, 8]
-    repeat_rows = [0, 3, 5, 6] if rank == 0 else [1, 2, 4, 7, 8, 9]
-    single = SingleTrialCorrelation(12, skip_frames=SKIP)
-    single.update(
-        torch.tensor(preds[single_rows]).float(),
-        torch.tensor(target[single_rows]).float(),
-        torch.tensor(lengths[single_rows]),
-    )
-    repeat = RepeatMetrics(6, num_clips=4, max_frames=120, skip_frames=SKIP)
-    repeat.update(
-        torch.tensor(rp[repeat_rows]),
-        torch.tensor(rt[repeat_rows]),
-        torch.tensor(rc[repeat_rows]),
-        torch.tensor(rl[repeat_rows]),
-    )
-    s, r = single.compute(), repeat.compute()
-    if rank == 0:
-        queue.put((s.numpy(), {k: v.numpy() for k, v in r.items()}))
-    dist.destroy_process_group()
+# ------------------------------------------------------------------------------------------ DDP
+# Uneven splits across 2 ranks; the repeats of clips 0 and 2 are split across the ranks.
+SINGLE_ROWS = ([0, 1, 2], [3, 4, 5, 6, 7, 8])
+REPEAT_ROWS = ([0, 3, 5, 6], [1, 2, 4, 7, 8, 9])
+
+
+def _ddp_worker(rank: int, port: int, queue: mp.Queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        preds, target, lengths = single_data()
+        rows = SINGLE_ROWS[rank]
+        single = _single(preds[rows], target[rows], lengths[rows], [len(rows)])
+        p, t, lens, clips = repeat_data()
+        repeat = _repeat(p, t, lens, clips, [REPEAT_ROWS[rank]])
+        s, r = single.compute(), repeat.compute()  # collectives: every rank computes
+        queue.put((rank, s.numpy(), {k: v.numpy() for k, v in r.items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_ddp_two_processes_equal_single_process() -> None:
-    ctx = mp.get_context("spawn")  # fork after torch has started its thread pool can deadlock
+    ctx = mp.get_context("fork")  # cheap: the children inherit the imported modules (ecosystem.md §7)
     queue = ctx.Queue()
-    port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    s_ddp, r_ddp = queue.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    preds, target, lengths = make_data()
-    single = SingleTrialCorrelation(12, skip_frames=SKIP)
-    single.update(torch.tensor(preds).float(), torch.tensor(target).float(), torch.tensor(lengths))
-    np.testing.assert_allclose(s_ddp, single.compute().numpy(), atol=1e-6)
-    rp, rt, rl, rc = repeat_data()
-    repeat = RepeatMetrics(6, num_clips=4, max_frames=120, skip_frames=SKIP)
-    repeat.update(torch.tensor(rp), torch.tensor(rt), torch.tensor(rc), torch.tensor(rl))
-    for k, v in repeat.compute().items():
-        np.testing.assert_allclose(r_ddp[k], v.numpy(), atol=1e-6)
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, queue)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = [queue.get(timeout=60) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0]
+
+    preds, target, lengths = single_data()
+    single = _single(preds, target, lengths, [9]).compute().numpy()
+    p, t, lens, clips = repeat_data()
+    repeat = _repeat(p, t, lens, clips, [list(range(10))]).compute()
+    for _, s_ddp, r_ddp in results:  # both ranks hold the synced result
+        np.testing.assert_allclose(s_ddp, single, atol=1e-6)
+        for key, value in repeat.items():
+            np.testing.assert_allclose(r_ddp[key], value.numpy(), atol=1e-6, err_msg=key)

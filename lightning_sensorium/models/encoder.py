@@ -1,7 +1,9 @@
-"""Encoder = one shared core + per-mouse readouts (+ optional per-mouse shifters) + output nonlinearity.
+"""Encoder = one shared core + per-mouse readouts (+ optional per-mouse shifters) + an output nonlinearity.
 
-Plain PyTorch (no Lightning): usable in notebooks and tests. The LightningModule builds it with
-:meth:`Encoder.build` from factories chosen in YAML and the neuron information linked from the data.
+Plain PyTorch (no Lightning), usable in notebooks and tests. The LightningModule builds it with
+:meth:`Encoder.build` from factories chosen in YAML and the neuron information linked from the data. The data flow
+follows ``VideoFiringRateEncoder``:
+https://github.com/ecker-lab/sensorium_2023/blob/main/sensorium/models/video_encoder.py
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from lightning_sensorium.models.cores.base import Core
 from lightning_sensorium.models.layers import ELU1
 from lightning_sensorium.models.readouts.base import Readout
 
+#: ``(in_shape=(C, H, W), neurons) -> Readout``: a Readout class or a partial of one (YAML ``class_path``).
 ReadoutFactory = Callable[[tuple[int, int, int], NeuronInfo], Readout]
+#: ``() -> nn.Module`` mapping a pupil centre ``(..., 2)`` to a readout shift ``(..., 2)``.
 ShifterFactory = Callable[[], nn.Module]
 
 
 class Encoder(nn.Module):
-    """Predicts responses ``(B, N, T')`` of one mouse from ``video (B, C, T, H, W)`` and behaviour.
+    """Predicts one mouse's responses ``(B, N, T')`` from ``video (B, C, T, H, W)`` and behaviour.
+
+    The responses belong to the last ``T'`` input frames (``T' = T − core.lost_frames``), like the core's output.
 
     Args:
         core: the shared core.
@@ -51,35 +57,37 @@ class Encoder(nn.Module):
         shifter: ShifterFactory | None = None,
         output_activation: nn.Module | None = None,
         video_shape: tuple[int, int] = (36, 64),
-        frames: int = 64,
+        frames: int = 80,
     ) -> Encoder:
-        """Build the per-mouse parts for ``neurons`` from the core's output shape on ``video_shape`` frames."""
-        c, _, h, w = core.output_shape(frames, *video_shape)
-        readouts = nn.ModuleDict({m: readout((c, h, w), info) for m, info in neurons.items()})
-        shifters = nn.ModuleDict({m: shifter() for m in neurons}) if shifter is not None else None
+        """One readout (and shifter) per mouse in ``neurons``, sized by the core's output for a video of shape
+        ``(1, frames, *video_shape)``."""
+        c, _, h, w = core.output_shape((1, frames, *video_shape))
+        readouts = nn.ModuleDict({mouse: readout((c, h, w), info) for mouse, info in neurons.items()})
+        shifters = nn.ModuleDict({mouse: shifter() for mouse in neurons}) if shifter is not None else None
         return cls(core, readouts, shifters, output_activation)
 
     def forward(
         self, video: Tensor, mouse_id: str, behavior: Tensor | None = None, pupil_center: Tensor | None = None
     ) -> Tensor:
-        features = self.core(video, behavior, pupil_center)  # (B, C, T', H', W')
+        features = self.core(video, behavior, pupil_center)  # (B, C', T', H', W')
         t_out = features.shape[2]
         shift = None
-        if self.shifters is not None and pupil_center is not None:
-            pc = pupil_center[..., -t_out:].transpose(1, 2)  # (B, T', 2), aligned to the last T' frames
-            shift = self.shifters[mouse_id](pc)  # (B, T', 2)
+        if self.shifters is not None:
+            if pupil_center is None:
+                raise ValueError("this Encoder has shifters: pass `pupil_center` (B, 2, T)")
+            pupil = pupil_center[..., -t_out:].transpose(1, 2)  # (B, T', 2): the core's last T' frames
+            shift = self.shifters[mouse_id](pupil)  # (B, T', 2)
         return self.output_activation(self.readouts[mouse_id](features, shift))  # (B, N, T')
 
     def regularizer(self, mouse_id: str) -> Tensor:
-        """Core penalty plus the mouse's readout penalty."""
+        """The core's penalty plus ``mouse_id``'s readout penalty (the shifters have none, as in the original)."""
         return self.core.regularizer() + self.readouts[mouse_id].regularizer()
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """``core`` and ``readout`` (readouts + shifters) parameters, for separate learning rates."""
-        per_mouse = list(self.readouts.parameters())
-        if self.shifters is not None:
-            per_mouse += list(self.shifters.parameters())
-        return {"core": list(self.core.parameters()), "readout": per_mouse}
+        """``core``: the core's parameters; ``readout``: all others (readouts, shifters, output activation)."""
+        core = list(self.core.parameters())
+        core_ids = {id(p) for p in core}
+        return {"core": core, "readout": [p for p in self.parameters() if id(p) not in core_ids]}
 
 
 __all__ = ["Encoder", "ReadoutFactory", "ShifterFactory"]

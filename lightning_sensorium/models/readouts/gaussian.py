@@ -1,19 +1,29 @@
 """Gaussian readout with a full covariance and positions predicted from cortical coordinates.
 
-Port of neuralpredictors' ``FullGaussian2d`` with a grid-mean predictor as the SENSORIUM 2023 baselines use it
-(models.md §1 "Readout"):
+Port of neuralpredictors' ``FullGaussian2d`` with a ``cortex`` grid-mean predictor, as the SENSORIUM 2023
+baselines configure it (``gauss_type='full'``, ``batch_sample=True``, ``align_corners=True``; models.md §1):
 https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/readouts/gaussian.py
+https://github.com/ecker-lab/sensorium_2023/blob/main/notebooks/benchmarks_training.ipynb
 
-* μ = MLP(normalised cortical x, y): Linear(2, 30) → ELU → Linear(30, 2) → Tanh, so positions are a smooth,
-  learned function of where the neuron sits in cortex (retinotopy), not free parameters;
-* σ: a full 2×2 matrix per neuron; training samples ``grid = clamp(σ z + μ, -1, 1)`` with fresh ``z`` for every
-  (batch · frame) row and neuron, evaluation uses ``clamp(μ)``;
-* the gaze shift is added *after* the clamp (positions may leave the frame and then read zeros);
-* response = Σ_c F[c, grid] · w[c, n] + b_n, with ``w`` initialised to 1/C and ``b`` to the mean response.
+* μ = MLP(normalised cortical x, y): Linear(2, 30) → ELU → Linear(30, 2) → Tanh. Positions are a smooth, learned
+  function of where a neuron sits in cortex (retinotopy), not free parameters. The coordinates are centred per
+  mouse and divided by their largest absolute value, and kept as a buffer, so a checkpoint needs no data.
+* σ: a full 2×2 matrix per neuron, initialised U(−init_sigma, init_sigma). Training samples
+  ``grid = clamp(σ z + μ, −1, 1)`` with a fresh ``z ~ N(0, I)`` for every (batch · frame) row and neuron;
+  evaluation reads at ``clamp(μ, −1, 1)``.
+* The gaze shift is added *after* the clamp, so a position may leave the frame; ``grid_sample`` (bilinear, zero
+  padding, ``align_corners=True``) then reads zeros there.
+* Response ``y_n = Σ_c F[c, grid_n] · w[c, n] + b_n`` with ``w`` initialised to 1/C.
+
+Differences from the original: the bias starts at ``neurons.mean_responses`` (the mean over the training frames)
+instead of the mean of the first training batch, so it is deterministic and needs no loader; if all neurons share
+one position, the coordinates are left unscaled instead of divided by zero; the options the baselines do not use
+(free or shared grids, shared features, other Gaussian types, ``out_idx``) are left out.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,64 +32,89 @@ from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.models.readouts.base import Readout
 
 
+def _normalised_grid(coordinates: np.ndarray) -> np.ndarray:
+    """Cortical ``(N, 3)`` coordinates → ``(N, 2)`` x, y centred and divided by the largest |value| (float32)."""
+    xy = np.asarray(coordinates, dtype=np.float64)[:, :2]  # (N, 2)
+    if xy.shape[0] == 0:
+        return xy.astype(np.float32)
+    xy = xy - xy.mean(axis=0, keepdims=True)
+    scale = np.abs(xy).max()
+    return (xy / scale if scale > 0 else xy).astype(np.float32)
+
+
 class GaussianReadout(Readout):
-    """Per-mouse Gaussian readout (see module docstring).
+    """Per-mouse full-Gaussian readout with a coordinate-driven position predictor (see the module docstring).
 
     Args:
         in_shape: ``(C, H, W)`` of the core's features.
-        neurons: the mouse's neurons (coordinates place the readout positions, mean responses set the bias).
-        init_sigma: σ entries start uniform in ``[-init_sigma, init_sigma]``.
-        grid_hidden: hidden units of the position MLP.
+        neurons: the mouse's neurons: coordinates place the readout positions, mean responses set the bias.
+        init_sigma: σ entries start uniform in ``[−init_sigma, init_sigma]``.
+        grid_hidden_features: hidden units of the position MLP.
         bias: learn a per-neuron bias.
-        feature_reg_weight: L1 weight on the feature weights (0 in every 2023 model).
+        feature_reg_weight: weight of the L1 (sum) penalty on the feature weights (0 in every 2023 model).
     """
+
+    source_grid: Tensor  # (N, 2) normalised cortical x, y (buffer)
 
     def __init__(
         self,
         in_shape: tuple[int, int, int],
         neurons: NeuronInfo,
         init_sigma: float = 1.0,
-        grid_hidden: int = 30,
+        grid_hidden_features: int = 30,
         bias: bool = True,
         feature_reg_weight: float = 0.0,
     ) -> None:
         super().__init__(in_shape, neurons)
-        c = in_shape[0]
-        n = neurons.num_neurons
-        xy = torch.as_tensor(neurons.coordinates[:, :2], dtype=torch.float32).reshape(n, 2)
-        xy = xy - xy.mean(0) if n else xy
-        scale = xy.abs().max() if n and xy.abs().max() > 0 else torch.tensor(1.0)
-        # Kept as a buffer: a checkpoint rebuilds the readout without the data.
-        self.register_buffer("source_grid", xy / scale)  # (N, 2) in [-1, 1]
-        self.grid_predictor = nn.Sequential(nn.Linear(2, grid_hidden), nn.ELU(), nn.Linear(grid_hidden, 2), nn.Tanh())
-        self.sigma = nn.Parameter(torch.empty(1, n, 2, 2).uniform_(-init_sigma, init_sigma))
-        self.features = nn.Parameter(torch.full((1, c, 1, n), 1.0 / c))
-        mean = torch.as_tensor(neurons.mean_responses, dtype=torch.float32).reshape(n)
-        self.bias = nn.Parameter(mean.clone()) if bias else None
+        if init_sigma <= 0:
+            raise ValueError(f"init_sigma must be positive, got {init_sigma}")
+        c, n = self.in_shape[0], self.num_neurons
         self.feature_reg_weight = feature_reg_weight
+        self.register_buffer("source_grid", torch.from_numpy(_normalised_grid(neurons.coordinates)))  # (N, 2)
+        self.grid_predictor = nn.Sequential(
+            nn.Linear(2, grid_hidden_features), nn.ELU(), nn.Linear(grid_hidden_features, 2), nn.Tanh()
+        )
+        self.sigma = nn.Parameter(torch.empty(1, n, 2, 2).uniform_(-init_sigma, init_sigma))  # (1, N, 2, 2)
+        self.features = nn.Parameter(torch.full((1, c, 1, n), 1.0 / c))  # (1, C, 1, N)
+        if bias:
+            mean = torch.as_tensor(np.asarray(neurons.mean_responses), dtype=torch.float32).reshape(n)
+            self.bias: nn.Parameter | None = nn.Parameter(mean.clone())  # (N,)
+        else:
+            self.register_parameter("bias", None)
 
     def positions(self) -> Tensor:
-        """Mean readout positions μ ``(N, 2)`` (x, y) in the normalised frame [-1, 1]²."""
+        """Mean read positions μ ``(N, 2)``, (x, y) in the normalised frame [−1, 1]² (before the clamp)."""
         return self.grid_predictor(self.source_grid)
 
-    def _grid(self, rows: int) -> Tensor:
+    def sample_grid(self, rows: int, sample: bool | None = None) -> Tensor:
+        """Read positions ``(rows, N, 1, 2)``: sampled around μ if ``sample`` (default: in training), else μ."""
         mu = self.positions()[None, :, None, :]  # (1, N, 1, 2)
-        if not self.training:
-            return mu.clamp(-1, 1).expand(rows, -1, -1, -1)
+        if not (self.training if sample is None else sample):
+            return mu.clamp(-1, 1).expand(rows, -1, -1, -1)  # (rows, N, 1, 2)
         z = torch.randn(rows, self.num_neurons, 1, 2, device=mu.device, dtype=mu.dtype)  # (rows, N, 1, 2)
-        return (torch.einsum("ancd,bnid->bnic", self.sigma, z) + mu).clamp(-1, 1)
+        # grid[b, n, 0, :] = σ_n z[b, n, 0, :] + μ_n
+        return (torch.einsum("ancd,bnid->bnic", self.sigma, z) + mu).clamp(-1, 1)  # (rows, N, 1, 2)
 
     def forward(self, features: Tensor, shift: Tensor | None = None) -> Tensor:
         b, c, t, h, w = features.shape
+        n = self.num_neurons
         x = features.transpose(1, 2).reshape(b * t, c, h, w)  # (B·T, C, H, W)
-        grid = self._grid(b * t)  # (B·T, N, 1, 2)
+        grid = self.sample_grid(b * t).to(x.dtype)  # (B·T, N, 1, 2)
         if shift is not None:
-            grid = grid + shift.reshape(b * t, 1, 1, 2)  # after the clamp, as the original
-        y = F.grid_sample(x, grid.to(x.dtype), align_corners=True)  # (B·T, C, N, 1)
-        y = (y[..., 0] * self.features[..., 0].to(y.dtype)).sum(1)  # (B·T, N)
+            grid = grid + shift.reshape(b * t, 1, 1, 2).to(x.dtype)  # after the clamp, as the original
+        y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # (B·T, C, N, 1)
+        y = (y.squeeze(-1) * self.features.view(1, c, n).to(y.dtype)).sum(1)  # (B·T, N)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(b, t, -1).transpose(1, 2)  # (B, N, T)
+        return y.reshape(b, t, n).transpose(1, 2)  # (B, N, T)
 
     def regularizer(self) -> Tensor:
+        """``feature_reg_weight · Σ |w|`` (the original's ``feature_l1`` with ``reduction='sum'``)."""
         return self.feature_reg_weight * self.features.abs().sum()
+
+    def extra_repr(self) -> str:
+        c, h, w = self.in_shape
+        return f"mouse_id={self.mouse_id!r}, in_shape=({c}, {h}, {w}), neurons={self.num_neurons}"
+
+
+__all__ = ["GaussianReadout"]

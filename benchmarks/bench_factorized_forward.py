@@ -1,0 +1,250 @@
+"""Factorized baseline, ours vs the original: a parity check, then forward+backward throughput side by side.
+
+The original is the neuralpredictors code the SENSORIUM 2023 starter kit builds (``Factorized3dCore``,
+``FullGaussian2d`` in a ``MultiReadoutSharedParametersBase``, ``MLPShifter``) with the benchmark notebook's
+settings, wired as ``VideoFiringRateEncoder.forward`` does for a 3D core. It is imported from an exported copy of
+the repository, never installed; its ``torchvision`` and ``scipy.special`` imports (used only by 2D cores and Hermite
+filters) are stubbed. Export it once, from any clone of https://github.com/sinzlab/neuralpredictors::
+
+    mkdir -p /tmp/np_orig && git -C <clone> archive HEAD neuralpredictors | tar -x -C /tmp/np_orig
+
+Parity: the original's parameters are copied into ours, and both run on the same input, in eval and in train mode
+(BatchNorm batch statistics, Gaussian position sampling from the same seed). Throughput: training mode, one mouse,
+``loss = Σ output + regularizer``, one backward; the two models alternate iteration by iteration.
+
+    python benchmarks/bench_factorized_forward.py [--batch 8] [--frames 80] [--neurons 8000] [--iters 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import sys
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_sensorium.data.batch import NeuronInfo
+from lightning_sensorium.models import Encoder, Factorized3dCore, GaussianReadout, MLPShifter
+
+KEY = "mouse"
+
+
+def import_original(path: str) -> types.SimpleNamespace:
+    """The original modules from an exported neuralpredictors tree, with its 2D-only imports stubbed."""
+    sys.path.insert(0, path)
+    for name in ("torchvision", "scipy", "scipy.special"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["scipy.special"].gamma = None  # type: ignore[attr-defined]  # Hermite filters only
+    from neuralpredictors.layers.cores.conv3d import Factorized3dCore as OrigCore
+    from neuralpredictors.layers.readouts import FullGaussian2d, MultiReadoutSharedParametersBase
+    from neuralpredictors.layers.shifters import MLPShifter as OrigShifter
+
+    class MultipleFullGaussian2d(MultiReadoutSharedParametersBase):  # sensorium/models/readouts.py
+        _base_readout = FullGaussian2d
+
+    return types.SimpleNamespace(core=OrigCore, readout=MultipleFullGaussian2d, shifter=OrigShifter)
+
+
+def build_original(orig: types.SimpleNamespace, neurons: NeuronInfo, in_shape: tuple[int, int, int]) -> nn.Module:
+    """Core, readout and shifter with the benchmark notebook's settings."""
+    model = nn.Module()
+    model.core = orig.core(
+        input_channels=3,
+        hidden_channels=[32, 64, 128],
+        spatial_input_kernel=(11, 11),
+        temporal_input_kernel=11,
+        spatial_hidden_kernel=(5, 5),
+        temporal_hidden_kernel=5,
+        stride=1,
+        layers=3,
+        gamma_input_spatial=10,
+        gamma_input_temporal=0.01,
+        bias=True,
+        hidden_nonlinearities="elu",
+        x_shift=0,
+        y_shift=0,
+        batch_norm=True,
+        laplace_padding=None,
+        input_regularizer="LaplaceL2norm",
+        padding=False,
+        final_nonlin=True,
+        momentum=0.7,
+    )
+    model.readout = orig.readout(
+        in_shape_dict={KEY: in_shape},
+        n_neurons_dict={KEY: neurons.num_neurons},
+        mean_activity_dict={KEY: torch.as_tensor(neurons.mean_responses, dtype=torch.float32)},
+        bias=True,
+        init_mu_range=0.2,
+        init_sigma=1.0,
+        gamma_readout=0.0,
+        gauss_type="full",
+        grid_mean_predictor={"hidden_layers": 1, "hidden_features": 30, "final_tanh": True},
+        grid_mean_predictor_type="cortex",
+        source_grids={KEY: np.asarray(neurons.coordinates)[:, :2]},
+        share_features=False,
+        share_grid=False,
+        shared_match_ids=None,
+        gamma_grid_dispersion=0.0,
+    )
+    model.shifter = orig.shifter(data_keys=[KEY], shift_layers=3, input_channels_shifter=2, hidden_channels_shifter=5)
+    return model
+
+
+def original_forward(model: nn.Module, video: Tensor, behavior: Tensor, pupil_center: Tensor) -> Tensor:
+    """``VideoFiringRateEncoder.forward`` for a 3D core, no GRU; the loader's behaviour channels added first.
+
+    https://github.com/ecker-lab/sensorium_2023/blob/main/sensorium/models/video_encoder.py
+    """
+    b, _, t, h, w = video.shape
+    x = torch.cat([video, behavior[..., None, None].expand(b, 2, t, h, w)], dim=1)  # AddBehaviorAsChannels
+    x = model.core(x)  # (B, C, T', H', W')
+    x = torch.transpose(x, 1, 2)  # (B, T', C, H', W')
+    time_points = x.shape[1]
+    pupil = torch.transpose(pupil_center[:, :, -time_points:], 1, 2)  # (B, T', 2)
+    shift = model.shifter[KEY](pupil.reshape(-1, 2), None)  # (B·T', 2)
+    x = x.reshape((-1,) + x.size()[2:])  # (B·T', C, H', W')
+    x = model.readout(x, data_key=KEY, shift=shift)  # (B·T', N)
+    x = nn.functional.elu(x) + 1
+    return x.reshape(b, time_points, -1).transpose(1, 2)  # (B, N, T'), ours' layout
+
+
+def original_regularizer(model: nn.Module) -> Tensor:
+    # video_training_loop.full_objective: sum of the core's (spatial, temporal) tuple + the readout's.
+    return sum(model.core.regularizer()) + model.readout.regularizer(KEY)
+
+
+def copy_original_into(ours: Encoder, original: nn.Module) -> None:
+    """Load the original's parameters and buffers into ours (names mapped, shapes checked by load_state_dict)."""
+    state: dict[str, Tensor] = {}
+    for k, v in original.core.state_dict().items():
+        if "regularizer" in k:  # the Laplace filters: constants, not state in ours
+            continue
+        k = re.sub(r"^features\.layer(\d+)\.(conv_spatial|conv_temporal)(_\d+)?\.", r"layers.\1.\2.", k)
+        state["core." + re.sub(r"^features\.layer(\d+)\.norm\.", r"layers.\1.norm.", k)] = v
+    renames = {"mu_transform.": "grid_predictor.", "_features": "features"}
+    for k, v in original.readout[KEY].state_dict().items():
+        for old, new in renames.items():
+            k = k.replace(old, new)
+        state[f"readouts.{KEY}.{k}"] = v
+    for k, v in original.shifter[KEY].state_dict().items():
+        state[f"shifters.{KEY}.{k}"] = v
+    ours.load_state_dict(state, strict=True)
+
+
+def make_case(
+    batch: int, frames: int, n: int, seed: int = 0
+) -> tuple[NeuronInfo, tuple[Tensor, Tensor, Tensor], Tensor]:
+    rng = np.random.default_rng(seed)
+    neurons = NeuronInfo(KEY, np.arange(n), rng.uniform(0, 600, (n, 3)), rng.uniform(0.2, 2.0, n).astype(np.float32))
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(batch, 1, frames, 36, 64, generator=g)
+    behavior = torch.randn(batch, 2, frames, generator=g)
+    pupil = torch.randn(batch, 2, frames, generator=g)
+    return neurons, (video, behavior, pupil), torch.rand(batch, n, frames - 18, generator=g)
+
+
+def build_pair(orig: types.SimpleNamespace, neurons: NeuronInfo) -> tuple[Encoder, nn.Module]:
+    torch.manual_seed(0)
+    ours = Encoder.build(Factorized3dCore(), GaussianReadout, {KEY: neurons}, MLPShifter)
+    original = build_original(orig, neurons, (128, 18, 46))
+    copy_original_into(ours, original)
+    return ours, original
+
+
+def parity(orig: types.SimpleNamespace) -> dict[str, float]:
+    """Largest |ours − original| on a small case, in eval and train mode, after copying the original's weights."""
+    neurons, (video, behavior, pupil), _ = make_case(batch=2, frames=30, n=300)
+    ours, original = build_pair(orig, neurons)
+    result = {
+        "source_grid": (ours.readouts[KEY].source_grid - original.readout[KEY].source_grid).abs().max().item(),
+        "regularizer": abs(ours.regularizer(KEY).item() - original_regularizer(original).item()),
+    }
+    for mode in ("eval", "train"):
+        ours.train(mode == "train")
+        original.train(mode == "train")
+        with torch.no_grad():
+            torch.manual_seed(1)
+            a = ours(video, KEY, behavior, pupil)
+            torch.manual_seed(1)
+            b = original_forward(original, video, behavior, pupil)
+        result[f"output_{mode}"] = (a - b).abs().max().item()
+    result["output_scale"] = b.abs().max().item()
+    return result
+
+
+def step(forward: Callable[[], Tensor], regularizer: Callable[[], Tensor], params: list[nn.Parameter]) -> float:
+    for p in params:
+        p.grad = None
+    start = time.perf_counter()
+    loss = forward().sum() + regularizer()
+    loss.backward()
+    return time.perf_counter() - start
+
+
+def throughput(orig: types.SimpleNamespace, batch: int, frames: int, n: int, iters: int) -> dict[str, list[float]]:
+    neurons, (video, behavior, pupil), _ = make_case(batch, frames, n)
+    ours, original = build_pair(orig, neurons)
+    ours.train()
+    original.train()
+    runs: dict[str, tuple[Callable[[], Tensor], Callable[[], Tensor], list[nn.Parameter]]] = {
+        "ours": (lambda: ours(video, KEY, behavior, pupil), lambda: ours.regularizer(KEY), list(ours.parameters())),
+        "original": (
+            lambda: original_forward(original, video, behavior, pupil),
+            lambda: original_regularizer(original),
+            list(original.parameters()),
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(iters + 1):  # the first round warms up
+        for name, run in runs.items():
+            seconds = step(*run)
+            if i > 0:
+                times[name].append(seconds)
+            print(f"  {'warm-up' if i == 0 else f'iter {i}'} {name}: {seconds:.2f} s", flush=True)
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--original", default="/tmp/np_orig", help="folder holding the exported `neuralpredictors/`")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=80)
+    parser.add_argument("--neurons", type=int, default=8000)
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per model (0: parity check only)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    orig = import_original(args.original)
+
+    print("parity (max |ours − original|):")
+    for name, value in parity(orig).items():
+        print(f"  {name}: {value:.3g}")
+    if args.iters <= 0:
+        return
+
+    print(f"throughput: batch {args.batch}, {args.frames} frames, {args.neurons} neurons, train mode, fwd+bwd")
+    times = throughput(orig, args.batch, args.frames, args.neurons, args.iters)
+    info: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "command": "python benchmarks/bench_factorized_forward.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    print(f"\nMachine: {info['machine']}. Command: `{info['command']}`.\n")
+    print("| model | s / step (median) | samples/s |")
+    print("|---|---|---|")
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    for name, median in medians.items():
+        print(f"| {name} | {median:.2f} | {args.batch / median:.2f} |")
+    print(f"\nours / original speed: {medians['original'] / medians['ours']:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
