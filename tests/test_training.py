@@ -165,6 +165,13 @@ def test_predict_whole_trials(tiny_stores: Path, tmp_path: Path) -> None:
         assert torch.isnan(pred[..., :lost]).all() and torch.isfinite(pred[..., lost:]).all()
 
 
+def test_bf16_mixed_fit(tiny_stores: Path, tmp_path: Path) -> None:
+    cli = _fit(tmp_path, tiny_stores, "--trainer.precision", "bf16-mixed")
+    value = cli.trainer.callback_metrics["val/single_trial_corr"]
+    assert torch.isfinite(value)
+    assert cli.model.metrics  # metric states stay float64 under autocast (see tests/test_metrics.py)
+
+
 def test_checkpoint_with_other_neurons_is_refused(tiny_stores: Path, tmp_path: Path) -> None:
     cli = _fit(tmp_path, tiny_stores, "--data.mice", f"[{sorted(p.stem for p in tiny_stores.glob('*.zarr'))[0]}]")
     ckpt = cli.trainer.checkpoint_callback.last_model_path
