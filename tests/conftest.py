@@ -22,7 +22,7 @@ def tiny_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_release_hidden(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Like ``tiny_release`` but with all-zero test responses, as for the competition mice."""
+    """Like ``tiny_release`` but one mouse, with all-zero test responses as for the competition mice."""
     root = tmp_path_factory.mktemp("release_hidden")
     synthesize(root, progress=False, workers=1, hide_test=True, **{**TINY, "mice": 1})
     return root

@@ -1,248 +1,397 @@
 """Ground-truth neurons of the synthetic digital-twin mice.
 
-The model, per mouse (all parameters drawn from the mouse's seed):
+The model of one mouse (all parameters drawn from the mouse's seed, saved beside the data):
 
-1. **Feature bank** (shared by all neurons, computed once per unique clip at half resolution, 18×32): quadrature
-   Gabor pairs at 4 orientations × 2 spatial frequencies, each filtered in time by a *sustained* and a
-   *transient* causal kernel with a 2–4 frame latency (30 Hz). From these: linear (simple-cell) maps, energy
-   (complex-cell) maps ``even² + odd²``, and Adelson–Bergen motion energies ``(even(t) ± odd(t−2))²`` for the two
-   directions of motion orthogonal to each orientation (direction selectivity).
-2. **Receptive fields**: each neuron reads one channel of the bank at its RF centre, laid out retinotopically
-   (a smooth, rotated, slightly jittered map from cortical x, y to the visual field) — so a Gaussian readout
-   driven by cortical coordinates can find it. Cell types: 40 % simple (half-wave rectified linear, either
-   sign), 40 % complex (√energy), 20 % direction-selective (√motion energy).
-3. **Gaze**: every RF centre moves with the pupil centre, frame by frame (``gaze_gain`` normalised units per px).
-4. **Divisive normalisation**: the drive is divided by ``σ + w·P`` where ``P`` is the total contrast energy
-   blurred over a large neighbourhood (σ ≈ ¼ of the frame), so context far outside the RF matters.
-5. **Behavioural gain**: multiplicative ``exp(a·running + b·pupil)`` with per-neuron weights.
-6. **Calcium-like output**: rate → causal exponential kernel (τ ≈ 0.3 s) → sampled at 8 Hz → trial-to-trial
-   noise → linear upsampling to 30 Hz. The noise is a compound Poisson process (spike counts × gamma amplitudes)
-   whose mean equals the noiseless rate, so the recorded traces are sparse and heavy-tailed (median ≈ 0) like
-   deconvolved activity. The *noiseless rates* are the same pipeline without the noise: the best any model can
-   do, which is what the ground-truth oracle correlation measures.
+1. **Feature bank**, computed once per unique clip and shared by all neurons and all repeats of the clip. The
+   movie is z-scored, block-averaged to half resolution (18×32) and filtered in time at 30 Hz by a causal
+   monophasic *sustained* kernel peaking at a 3-frame (100 ms) latency, read out at 15 Hz (the model's time step,
+   2 frames). It is then filtered in space by 8 complex Gabor filters (4 orientations × 2 spatial frequencies,
+   wavelengths 10 and 18 px at full resolution, σ = 0.45 λ), separable filters applied as two banded (Toeplitz)
+   matrix products. A biphasic *transient* copy of every channel is the sustained response minus itself 133 ms
+   later. Result: 16 quadrature pairs ``even + i·odd`` per pixel and step (2 temporal kernels × 4 × 2), ~20 ms
+   per 300-frame clip.
+2. **Receptive fields** are laid out retinotopically: a smooth map (random rotation, anisotropic scale, a gentle
+   sinusoidal warp) from cortical ``(x, y)`` to the visual field, plus scatter, so RF position is predictable from
+   ``cell_motor_coordinates`` as the Gaussian readouts assume. Each neuron reads one quadrature pair at its RF
+   centre; orientation (4), spatial frequency (2) and temporal kernel are random per neuron (salt and pepper).
+3. **Cell types** form a continuum: ``drive = a·2·[cos φ·e + sin φ·o]₊ + (1 − a)·((1 − b)·√(e² + o²) + b·M)``
+   with a *simple index* ``a`` (rectified linear cell of phase φ), a complex (energy) part, and an Adelson–Bergen
+   motion energy ``M = ½·√((e(t) − δ·o(t−1))² + (o(t) + δ·e(t−1))²)`` whose one-step (67 ms) delay makes it
+   prefer one direction ``δ`` of motion orthogonal to the orientation (direction index ``b``).
+4. **Gaze**: each frame, every RF centre moves with the pupil centre (``gaze_gain`` half-resolution px per camera
+   px from the mouse's resting eye position), so the same clip drives a neuron differently on every repeat.
+5. **Divisive normalisation**: the drive is divided by ``σ + w·P`` where ``P`` is the root of the contrast
+   energy of the 8 sustained channels blurred over a large neighbourhood (Gaussian σ = 12 px at full
+   resolution) mixed 1:1 with its mean over the whole frame — context far outside the RF matters.
+6. **Output nonlinearity and behaviour**: ``rate = μ·g(t)·(β + (1 − β)·d^p / m)`` with an expansive exponent
+   ``p ∈ [1.3, 2.2]``, a baseline fraction β, ``m`` the calibrated mean of ``d^p`` on natural movies, μ the
+   neuron's target mean, and a multiplicative gain ``g = exp(w_run·run + w_pupil·pupil)`` from the running speed
+   and the pupil size (standardised per mouse) with per-neuron weights (mostly positive for running).
+7. **Calcium-like observation**: the 15 Hz rate drives a causal exponential calcium kernel (τ = 0.3 s), which is
+   sampled at 8 Hz with a random scan phase per trial. The samples get trial-to-trial noise — a compound Poisson
+   process (Poisson event counts with per-neuron mean amplitude, gamma-distributed sizes) whose mean equals the
+   sample — so the traces are sparse and heavy-tailed like deconvolved activity (median 0, many zeros). Samples
+   are linearly interpolated back to 30 Hz. The **noiseless rates** are the same pipeline without the noise:
+   the expectation of the responses given stimulus and behaviour, i.e. the best any model can predict.
+
+References: motion energy, Adelson & Bergen 1985 (https://doi.org/10.1364/JOSAA.2.000284); divisive
+normalisation, Carandini & Heeger 2012 (https://doi.org/10.1038/nrn3136).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 #: Frame size of the release.
 HEIGHT, WIDTH = 36, 64
-#: Half-resolution grid on which the feature bank lives.
-FEAT_H, FEAT_W = 18, 32
+#: Half-resolution grid of the feature bank.
+FEAT_H, FEAT_W = HEIGHT // 2, WIDTH // 2
+#: The model runs at 15 Hz: one step every 2 frames of 30 Hz.
+FRAMES_PER_STEP = 2
 ORIENTATIONS = 4
-WAVELENGTHS = (5.0, 9.0)  # pixels at half resolution
-CELL_TYPES = ("simple", "complex", "direction")
+WAVELENGTHS = (5.0, 9.0)  # half-resolution pixels
+TEMPORAL_KERNELS = ("sustained", "transient")
+#: Quadrature pairs of the bank, ordered (temporal kernel, orientation, wavelength).
+CHANNELS = len(TEMPORAL_KERNELS) * ORIENTATIONS * len(WAVELENGTHS)
+#: The transient kernel is the sustained one minus itself this many steps (133 ms) later: biphasic, zero DC, and
+#: obtained from the sustained bank by one subtraction (spatial filtering is linear and time-invariant).
+TRANSIENT_LAG = 2
+#: Delay of the motion-energy term, in model steps (67 ms).
+DELAY_STEPS = 1
+#: Normalisation pool: Gaussian σ in half-resolution pixels.
+POOL_SIGMA = 6.0
+#: Calcium decay time constant (frames at 30 Hz) and the two-photon scan rate.
+CALCIUM_TAU = 9.0
+SCAN_HZ = 8.0
+FPS = 30.0
+#: Grey-level statistics the movies are z-scored with (the release's train statistics).
+VIDEO_MEAN, VIDEO_STD = 80.0, 55.0
 
 
-def _gabor_bank() -> torch.Tensor:
-    """Quadrature Gabor filters ``(ORIENTATIONS · len(WAVELENGTHS) · 2, 1, 11, 11)``: [even, odd] per pair."""
-    size = 11
-    y, x = np.mgrid[-(size // 2) : size // 2 + 1, -(size // 2) : size // 2 + 1].astype(np.float64)
-    filters = []
-    for k in range(ORIENTATIONS):
-        theta = math.pi * k / ORIENTATIONS
-        xr = x * math.cos(theta) + y * math.sin(theta)
+# ------------------------------------------------------------------------------------------------- filters
+def _band_matrix(kernel: np.ndarray, n: int) -> np.ndarray:
+    """``(n, n)`` matrix M with ``(M @ v)[i] = Σ_j kernel[j − i + r] v[j]`` (correlation, zero padding)."""
+    r = len(kernel) // 2
+    m = np.zeros((n, n), dtype=kernel.dtype)
+    for i in range(n):
+        lo, hi = max(0, i - r), min(n, i + r + 1)
+        m[i, lo:hi] = kernel[lo - i + r : hi - i + r]
+    return m
+
+
+@functools.lru_cache(maxsize=1)
+def _gabor_matrices() -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable complex Gabors as band matrices: rows ``(W, F·W·2)`` real (re, im interleaved), columns ``(F, H, H)``.
+
+    A Gabor with a circular Gaussian envelope is the product of two 1-D complex Gabors,
+    ``g(x, y) = [G_σ(x) e^{i k cosθ x}] · [G_σ(y) e^{i k sinθ y}]``; its real part is the even filter, its
+    imaginary part the odd one. Filters are ordered (orientation, wavelength); each 1-D Gaussian sums to 1, so a
+    matched grating of unit amplitude gives a response of modulus ≈ 1.
+    """
+    rows, cols = [], []
+    for o in range(ORIENTATIONS):
+        theta = math.pi * o / ORIENTATIONS
         for lam in WAVELENGTHS:
-            env = np.exp(-(x**2 + y**2) / (2 * (0.45 * lam) ** 2))
-            for phase in (0.0, math.pi / 2):
-                g = env * np.cos(2 * math.pi * xr / lam + phase)
-                g -= g.mean() * env / env.mean() if phase == 0.0 else 0.0
-                filters.append(g / np.abs(g).sum())
-    return torch.tensor(np.stack(filters)[:, None], dtype=torch.float32)
+            sigma, k = 0.45 * lam, 2 * math.pi / lam
+            r = int(math.ceil(2.5 * sigma))
+            d = np.arange(-r, r + 1, dtype=np.float64)
+            env = np.exp(-(d**2) / (2 * sigma**2))
+            env /= env.sum()
+            rows.append(_band_matrix(env * np.exp(1j * k * math.cos(theta) * d), FEAT_W))
+            cols.append(_band_matrix(env * np.exp(1j * k * math.sin(theta) * d), FEAT_H))
+    row = np.stack([m.T for m in rows], axis=1)  # (W_in, F, W_out) complex
+    row = np.stack([row.real, row.imag], axis=-1).reshape(FEAT_W, -1)  # (W_in, F·W_out·[re, im])
+    return torch.tensor(row, dtype=torch.float32), torch.tensor(np.stack(cols), dtype=torch.complex64)
 
 
-def _temporal_kernels() -> torch.Tensor:
-    """Causal sustained and transient kernels ``(2, 12)``, newest frame last (for conv1d)."""
+def _sustained_kernel() -> np.ndarray:
+    """Causal monophasic kernel ``(12,)`` at 30 Hz (index = lag in frames), peaking at 3 frames (100 ms), sum 1."""
     t = np.arange(12, dtype=np.float64)
-    sustained = (t / 3.0) ** 2 * np.exp(-t / 1.5)
-    transient = sustained - 0.8 * (t / 5.0) ** 2 * np.exp(-t / 2.5)
-    kernels = np.stack([sustained / np.abs(sustained).sum(), transient / np.abs(transient).sum()])
-    return torch.tensor(kernels[:, ::-1].copy(), dtype=torch.float32)
+    k = (t / 3.0) ** 2 * np.exp(-t / 1.5)
+    return k / k.sum()
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(T, C, H, W)`` with replicate padding."""
-    radius = max(1, int(3 * sigma))
-    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (radius, radius, 0, 0), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    x = F.pad(x, (0, 0, radius, radius), mode="replicate")
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+@functools.lru_cache(maxsize=8)
+def _temporal_matrix(frames: int) -> torch.Tensor:
+    """``(S, frames)``: the sustained kernel evaluated at the last frame of every 15 Hz step (zeros before 0)."""
+    kernel = _sustained_kernel()
+    steps = -(-frames // FRAMES_PER_STEP)
+    m = np.zeros((steps, frames))
+    for s in range(steps):
+        f = min(FRAMES_PER_STEP * s + FRAMES_PER_STEP - 1, frames - 1)
+        lags = f - np.arange(frames)
+        ok = (lags >= 0) & (lags < len(kernel))
+        m[s, ok] = kernel[lags[ok]]
+    return torch.tensor(m, dtype=torch.float32)
 
 
-@dataclass
+@functools.lru_cache(maxsize=1)
+def _pool_matrices() -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian blur band matrices ``(H, H)`` and ``(W, W)``, rows renormalised at the borders."""
+    r = int(3 * POOL_SIGMA)
+    d = np.arange(-r, r + 1, dtype=np.float64)
+    g = np.exp(-(d**2) / (2 * POOL_SIGMA**2))
+    mh, mw = _band_matrix(g, FEAT_H), _band_matrix(g, FEAT_W)
+    mh /= mh.sum(1, keepdims=True)
+    mw /= mw.sum(1, keepdims=True)
+    return torch.tensor(mh, dtype=torch.float32), torch.tensor(mw, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
 class FeatureBank:
-    """Per-clip feature maps the neurons read from.
+    """Per-clip feature maps the neurons read from (time last so one neuron's samples are close in memory).
 
     Attributes:
-        channels: ``(T, C, FEAT_H, FEAT_W)`` drive maps (linear, energy and motion-energy channels).
-        pool: ``(T, 1, FEAT_H, FEAT_W)`` normalisation pool (blurred total energy).
+        quadrature: ``(CHANNELS, FEAT_H, FEAT_W, S)`` complex64 ``even + i·odd`` responses at S 15 Hz steps.
+        pool: ``(FEAT_H, FEAT_W, S)`` float32 normalisation pool (root of the blurred contrast energy).
     """
 
-    channels: torch.Tensor
-    pool: torch.Tensor
+    quadrature: np.ndarray
+    pool: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return self.pool.shape[-1]
 
 
-#: Number of channels of a FeatureBank: per (orientation, wavelength, temporal kernel): even, odd, energy,
-#: and two motion energies (sustained kernel only carries direction; the transient one repeats them).
-N_PAIRS = ORIENTATIONS * len(WAVELENGTHS) * 2  # × 2 temporal kernels
-CHANNELS_PER_PAIR = 5
-
-
+@torch.no_grad()
 def feature_bank(video: np.ndarray) -> FeatureBank:
     """Feature maps of one clip ``(T, HEIGHT, WIDTH)`` in grey levels (NaN-free)."""
-    x = torch.from_numpy(((video - 80.0) / 55.0).astype(np.float32))[:, None]  # (T, 1, 36, 64)
-    x = F.interpolate(x, size=(FEAT_H, FEAT_W), mode="area")  # (T, 1, 18, 32)
-    t, _, h, w = x.shape
-    # Space and time filtering commute (both linear): filter pixels in time first, it is far cheaper.
-    seq = x.reshape(t, h * w).T[:, None]  # (H·W, 1, T)
-    seq = F.conv1d(F.pad(seq, (11, 0)), _temporal_kernels()[:, None])  # (H·W, 2 kernels, T)
-    frames = seq.permute(1, 2, 0).reshape(2 * t, 1, h, w)  # (2·T, 1, H, W)
-    lin = F.conv2d(frames, _gabor_bank(), padding=5)  # (2·T, 2·P, H, W), P quadrature pairs
-    lin = lin.reshape(2, t, -1, 2, h, w).transpose(0, 1)  # (T, 2 kernels, P, [even, odd], H, W)
-    even, odd = lin[:, :, :, 0], lin[:, :, :, 1]  # (T, 2, P, H, W)
-    odd_delayed = torch.cat([odd[:1].expand(2, -1, -1, -1, -1), odd[:-2]], dim=0)  # odd(t - 2)
-    stacked = torch.empty((*even.shape[:3], CHANNELS_PER_PAIR, h, w))  # (T, 2, P, 5, H, W)
-    stacked[:, :, :, 0], stacked[:, :, :, 1] = even, odd
-    torch.hypot(even, odd, out=stacked[:, :, :, 2])  # √energy
-    torch.abs(even + odd_delayed, out=stacked[:, :, :, 3])  # √ forward motion energy
-    torch.abs(even - odd_delayed, out=stacked[:, :, :, 4])  # √ backward motion energy
-    channels = stacked.reshape(t, -1, h, w)  # (T, 2·P·5, H, W)
-    energy = stacked[:, :, :, 2].square().sum(dim=(1, 2))[:, None]  # (T, 1, H, W)
-    pool = _gaussian_blur(energy, 5.0)  # (T, 1, H, W)
-    return FeatureBank(channels=channels, pool=pool)
+    t = video.shape[0]
+    h, w = FEAT_H, FEAT_W
+    x = torch.from_numpy(np.ascontiguousarray(video, dtype=np.float32)).view(t * h, 2, w, 2)
+    x = x[:, 0, :, 0] + x[:, 0, :, 1] + x[:, 1, :, 0] + x[:, 1, :, 1]  # (T·h, w): 2×2 block sums
+    x = x * (0.25 / VIDEO_STD) - VIDEO_MEAN / VIDEO_STD  # z-scored half-resolution movie
+    xt = _temporal_matrix(t) @ x.reshape(t, h * w)  # (S, h·w): sustained response at 15 Hz
+    steps = xt.shape[0]
+    rows, cols = _gabor_matrices()
+    f = cols.shape[0]
+    y = torch.view_as_complex((xt.reshape(steps * h, w) @ rows).reshape(steps * h, f, w, 2))  # along x
+    y = y.reshape(steps, h, f, w).permute(2, 1, 0, 3).reshape(f, h, steps * w)  # (F, h_in, S·w)
+    z = torch.bmm(cols, y).reshape(f, h, steps, w).permute(0, 1, 3, 2)  # (F, h, w, S): along y, even + i·odd
+    quadrature = torch.empty((len(TEMPORAL_KERNELS), f, h, w, steps), dtype=torch.complex64)
+    sustained, transient = quadrature[0], quadrature[1]
+    sustained.copy_(z)
+    # Transient kernel = sustained minus itself TRANSIENT_LAG later (before the trial the grey screen gave 0).
+    lag = TRANSIENT_LAG
+    transient[..., :lag] = sustained[..., :lag]
+    torch.sub(sustained[..., lag:], sustained[..., :-lag], out=transient[..., lag:])
+    parts = torch.view_as_real(sustained).reshape(f, -1)  # (F, h·w·S·2)
+    energy = (torch.ones(1, f) @ parts.square()).reshape(h, w, steps, 2).sum(-1) / f  # (h, w, S) mean |z|²
+    mh, mw = _pool_matrices()
+    local = torch.einsum("yh,hws->yws", mh, torch.einsum("xw,hws->hxs", mw, energy))
+    pool = (0.5 * local + 0.5 * energy.mean(dim=(0, 1), keepdim=True)).sqrt()
+    return FeatureBank(quadrature=quadrature.reshape(CHANNELS, h, w, steps).numpy(), pool=pool.contiguous().numpy())
 
 
+# ------------------------------------------------------------------------------------------------- neurons
 @dataclass
 class NeuronParameters:
-    """Ground-truth parameters of one mouse's neurons (all arrays ``(N, ...)``)."""
+    """Ground-truth parameters of one mouse's neurons (arrays ``(N,)`` unless noted) and its behaviour references."""
 
-    rf_center: Any  # (N, 2) normalised [-1, 1] (x, y)
-    channel: Any  # (N,) index into FeatureBank.channels
-    cell_type: Any  # (N,) index into CELL_TYPES
-    sign: Any  # (N,) ±1 for simple cells
-    norm_weight: Any  # (N,)
-    run_gain: Any  # (N,)
-    pupil_gain: Any  # (N,)
-    baseline: Any  # (N,)
-    scale: Any  # (N,) set by calibration so the mean rate is `target_mean`
-    target_mean: Any  # (N,)
-    gaze_gain: float = 0.02  # normalised units per pupil-centre pixel
+    rf_center: np.ndarray  # (N, 2) x, y in half-resolution pixels
+    channel: np.ndarray  # index into FeatureBank.quadrature (temporal kernel, orientation, wavelength)
+    orientation: np.ndarray  # degrees (for documentation: implied by channel)
+    wavelength: np.ndarray  # full-resolution pixels (implied by channel)
+    transient: np.ndarray  # bool (implied by channel)
+    phase: np.ndarray  # radians, of the simple part
+    simple_index: np.ndarray  # a ∈ [0, 1]
+    direction_index: np.ndarray  # b ∈ [0, 1]
+    direction_sign: np.ndarray  # δ = ±1
+    norm_sigma: np.ndarray
+    norm_weight: np.ndarray
+    exponent: np.ndarray
+    baseline: np.ndarray  # fraction β of the mean rate that is stimulus independent
+    target_mean: np.ndarray  # μ
+    run_weight: np.ndarray
+    pupil_weight: np.ndarray
+    noise_amplitude: np.ndarray  # mean size of one calcium event (the noise level)
+    drive_mean: np.ndarray  # m, set by `calibrate`
+    eye_reference: np.ndarray  # (2,) resting pupil centre, camera px
+    pupil_reference: np.ndarray  # (2,) mean and std of the mouse's pupil size
+    gaze_gain: np.ndarray  # () half-resolution px of RF shift per camera px of pupil centre
 
     def as_arrays(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v) for k, v in self.__dict__.items()}
+        return {k: np.asarray(v) for k, v in asdict(self).items()}
 
 
-def draw_neurons(rng: np.random.Generator, coordinates: np.ndarray) -> NeuronParameters:
-    """Draw neuron parameters; RF centres follow cortical ``coordinates`` (N, 3) retinotopically."""
-    n = coordinates.shape[0]
+def retinotopy(rng: np.random.Generator, coordinates: np.ndarray) -> np.ndarray:
+    """RF centres ``(N, 2)`` (half-resolution px) from cortical ``coordinates (N, 3)``: smooth map plus scatter."""
     xy = coordinates[:, :2].astype(np.float64)
-    xy = (xy - xy.mean(0)) / (np.abs(xy - xy.mean(0)).max(0) + 1e-9)  # [-1, 1]
+    xy = (xy - xy.mean(0)) / (np.abs(xy - xy.mean(0)).max() + 1e-9)  # (N, 2) in [-1, 1], isotropic
     angle = rng.uniform(0, 2 * math.pi)
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    centers = 0.7 * xy @ rot.T + rng.normal(0, 0.04, size=(n, 2))
-    cell_type = rng.choice(3, size=n, p=[0.4, 0.4, 0.2])
-    pair = rng.integers(0, N_PAIRS, size=n)  # (kernel, orientation·wavelength) pair
-    # Channel layout: ((kernel · P + pair_in_kernel) · 5 + component)
-    phase = rng.integers(0, 2, size=n)  # even / odd for simple cells
-    direction = 3 + rng.integers(0, 2, size=n)  # forward / backward motion energy
-    component = np.where(cell_type == 0, phase, np.where(cell_type == 1, 2, direction))
+    u = xy @ rot.T * rng.uniform([0.55, 0.6], [0.7, 0.8])
+    phase = rng.uniform(0, 2 * math.pi, size=2)
+    u = u + 0.06 * np.sin(2.2 * u[:, ::-1] + phase)  # gentle non-linear warp of the map
+    u = u + rng.uniform(-0.15, 0.15, size=2) + rng.normal(0, 0.04, size=u.shape)  # offset, scatter
+    u = np.clip(u, -0.95, 0.95)
+    return np.stack([(u[:, 0] + 1) / 2 * (FEAT_W - 1), (u[:, 1] + 1) / 2 * (FEAT_H - 1)], axis=1)
+
+
+def draw_neurons(
+    rng: np.random.Generator, coordinates: np.ndarray, eye_reference: np.ndarray, pupil_reference: np.ndarray
+) -> NeuronParameters:
+    """Draw the neurons of one mouse; ``drive_mean`` is 1 until :func:`calibrate`."""
+    n = int(coordinates.shape[0])
+    kernel = (rng.random(n) < 0.4).astype(np.int64)  # 40 % transient
+    orientation = rng.integers(0, ORIENTATIONS, size=n)
+    wave = rng.integers(0, len(WAVELENGTHS), size=n)
+    channel = (kernel * ORIENTATIONS + orientation) * len(WAVELENGTHS) + wave
     return NeuronParameters(
-        rf_center=np.clip(centers, -0.9, 0.9),
-        channel=pair * CHANNELS_PER_PAIR + component,
-        cell_type=cell_type,
-        sign=rng.choice([-1.0, 1.0], size=n),
-        norm_weight=rng.uniform(0.5, 2.0, size=n),
-        run_gain=rng.normal(0.25, 0.15, size=n),
-        pupil_gain=rng.normal(0.1, 0.1, size=n),
-        baseline=rng.uniform(0.02, 0.1, size=n),
-        scale=np.ones(n),
-        target_mean=rng.lognormal(math.log(1.5), 0.5, size=n),
+        rf_center=retinotopy(rng, coordinates),
+        channel=channel,
+        orientation=180.0 * orientation / ORIENTATIONS,
+        wavelength=2.0 * np.asarray(WAVELENGTHS)[wave],
+        transient=kernel.astype(bool),
+        phase=rng.uniform(0, 2 * math.pi, size=n),
+        simple_index=rng.beta(0.6, 0.6, size=n),
+        direction_index=rng.beta(0.6, 1.2, size=n),
+        direction_sign=rng.choice([-1.0, 1.0], size=n),
+        norm_sigma=rng.lognormal(math.log(0.25), 0.4, size=n),
+        norm_weight=rng.uniform(0.5, 1.5, size=n),
+        exponent=rng.uniform(1.3, 2.2, size=n),
+        baseline=rng.uniform(0.02, 0.15, size=n),
+        target_mean=np.clip(rng.lognormal(math.log(1.3), 0.6, size=n), 0.2, 12.0),
+        run_weight=rng.normal(0.3, 0.2, size=n),
+        pupil_weight=rng.normal(0.1, 0.15, size=n),
+        noise_amplitude=rng.lognormal(math.log(11.0), 0.35, size=n),
+        drive_mean=np.ones(n),
+        eye_reference=np.asarray(eye_reference, dtype=np.float64),
+        pupil_reference=np.asarray(pupil_reference, dtype=np.float64),
+        gaze_gain=np.asarray(rng.uniform(0.25, 0.35)),
     )
 
 
-def _bilinear(maps: torch.Tensor, channel: torch.Tensor, grid: np.ndarray) -> np.ndarray:
-    """Sample ``maps (T, C, H, W)`` at ``grid (T, N, 2)`` (normalised x, y; align_corners) in channel ``channel (N,)``.
-
-    Gathers only each neuron's own channel: O(T·N), not O(T·C·N) as ``grid_sample`` would be.
-    """
-    t, c, h, w = maps.shape
-    px = np.clip((grid[..., 0] + 1) / 2 * (w - 1), 0, w - 1)  # (T, N)
-    py = np.clip((grid[..., 1] + 1) / 2 * (h - 1), 0, h - 1)
-    x0, y0 = np.minimum(px.astype(np.int64), w - 2), np.minimum(py.astype(np.int64), h - 2)
-    fx, fy = torch.from_numpy(px - x0).float(), torch.from_numpy(py - y0).float()
-    flat = maps.reshape(t, c * h * w)  # (T, C·H·W)
-    base = channel.numpy()[None] * h * w  # (1, N)
-
-    def at(yy: np.ndarray, xx: np.ndarray) -> torch.Tensor:
-        return flat.gather(1, torch.from_numpy(base + yy * w + xx))  # (T, N)
-
-    top = at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx
-    bottom = at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
-    return (top * (1 - fy) + bottom * fy).numpy().astype(np.float64)
+def _bilinear_indices(pos: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lower corner (int) and weight of the upper corner for positions ``pos`` on a grid of ``size``."""
+    pos = np.clip(pos, 0.0, size - 1.0)
+    lo = np.minimum(pos.astype(np.int64), size - 2)
+    return lo, (pos - lo).astype(np.float32)
 
 
-def drive(bank: FeatureBank, params: NeuronParameters, pupil_center: np.ndarray) -> np.ndarray:
-    """Stimulus drive ``(T, N)`` (before gain and calcium) with RFs moved by the gaze ``pupil_center (T, 2)``."""
-    shift = params.gaze_gain * (pupil_center - np.nanmean(pupil_center, axis=0, keepdims=True))  # (T, 2)
-    grid = params.rf_center[None, :, :] + np.nan_to_num(shift)[:, None, :]  # (T, N, 2)
-    values = _bilinear(bank.channels, torch.from_numpy(params.channel).long(), grid)  # (T, N)
-    pooled = _bilinear(bank.pool, torch.zeros(len(params.channel), dtype=torch.long), grid)  # (T, N)
-    simple = params.cell_type == 0
-    values[:, simple] = np.maximum(values[:, simple] * params.sign[simple], 0.0)
-    return values / (0.05 + params.norm_weight * pooled)
+#: Neurons per block in `stimulus_drive`: bounds its temporaries (~20 arrays of block × S) whatever N is.
+NEURON_BLOCK = 2048
 
 
-def behaviour_gain(params: NeuronParameters, behavior: np.ndarray) -> np.ndarray:
-    """Multiplicative gain ``(T, N)`` from ``behavior (T, 2)`` = [pupil size, running speed]."""
-    running = np.clip((behavior[:, 1] - 3.0) / 6.0, -0.5, 2.5)
-    pupil = (behavior[:, 0] - 45.0) / 12.0
-    return np.exp(np.outer(running, params.run_gain) + np.outer(pupil, params.pupil_gain))
-
-
-def calcium(rate: np.ndarray) -> np.ndarray:
-    """Causal exponential calcium kernel (τ = 9 frames ≈ 0.3 s) along time of ``(T, N)``."""
-    out = np.empty_like(rate)
-    acc = np.zeros(rate.shape[1])
-    decay = math.exp(-1.0 / 9.0)
-    for i in range(rate.shape[0]):
-        acc = decay * acc + (1 - decay) * rate[i]
-        out[i] = acc
+def stimulus_drive(bank: FeatureBank, params: NeuronParameters, gaze: np.ndarray) -> np.ndarray:
+    """Normalised stimulus drive ``d`` ``(N, S)`` ≥ 0, RFs moved by ``gaze (S, 2)`` (x, y half-resolution px)."""
+    n = len(params.channel)
+    out = np.empty((n, bank.steps), dtype=np.float32)
+    for lo in range(0, n, NEURON_BLOCK):
+        out[lo : lo + NEURON_BLOCK] = _drive_block(bank, params, gaze, slice(lo, lo + NEURON_BLOCK))
     return out
 
 
-def sample_8hz_upsample(trace: np.ndarray, rng: np.random.Generator | None, kappa: float = 1.5) -> np.ndarray:
-    """Sample ``(T, N)`` at 8 Hz, add compound-Poisson noise (mean preserving) if ``rng``, upsample to 30 Hz."""
-    t = trace.shape[0]
-    sample_frames = np.arange(0, t, 30.0 / 8.0)  # 8 Hz sample times in 30 Hz frames
-    lo = np.floor(sample_frames).astype(int)
-    hi = np.minimum(lo + 1, t - 1)
-    frac = (sample_frames - lo)[:, None]
-    samples = (1 - frac) * trace[lo] + frac * trace[hi]  # (K, N)
-    if rng is not None:
-        counts = rng.poisson(np.maximum(samples, 0) * kappa)
-        amplitude = rng.gamma(shape=2.0, scale=0.5, size=counts.shape)  # mean 1
-        samples = np.where(counts > 0, counts * amplitude / kappa, 0.0)
-    return _interp_matrix(t, sample_frames) @ samples  # (T, K) @ (K, N) -> (T, N)
+def _drive_block(bank: FeatureBank, params: NeuronParameters, gaze: np.ndarray, block: slice) -> np.ndarray:
+    """`stimulus_drive` for the neurons ``block``: bilinear samples of the bank at the moved RFs → drive."""
+    c, h, w, s = bank.quadrature.shape
+    center = params.rf_center[block]
+    x0, fx = _bilinear_indices(center[:, :1] + gaze[None, :, 0], w)  # (n, S)
+    y0, fy = _bilinear_indices(center[:, 1:] + gaze[None, :, 1], h)
+    pix = (y0 * w + x0) * s + np.arange(s)[None, :]  # (n, S) flat index into (h, w, S)
+    at = pix + (params.channel[block] * (h * w * s))[:, None]  # ... and into (C, h, w, S)
+    quad, pool_map = bank.quadrature.reshape(-1), bank.pool.reshape(-1)
+    right, down, diag, gx = s, w * s, (w + 1) * s, 1 - fx
+    z = (quad[at] * gx + quad[at + right] * fx) * (1 - fy) + (quad[at + down] * gx + quad[at + diag] * fx) * fy
+    pool = (pool_map[pix] * gx + pool_map[pix + right] * fx) * (1 - fy)
+    pool += (pool_map[pix + down] * gx + pool_map[pix + diag] * fx) * fy
+    # Adelson–Bergen motion energy ½|z(t) + iδ·z(t−1)|: the delayed signal is the one the RF saw one step ago.
+    delayed = np.concatenate([z[:, :DELAY_STEPS], z[:, :-DELAY_STEPS]], axis=1)
+    motion = 0.5 * np.abs(z + (1j * params.direction_sign[block, None]).astype(np.complex64) * delayed)
+    linear = (z * np.exp(-1j * params.phase[block, None]).astype(np.complex64)).real  # cos φ·even + sin φ·odd
+    a = params.simple_index[block, None].astype(np.float32)
+    b = params.direction_index[block, None].astype(np.float32)
+    drive = a * 2.0 * np.maximum(linear, 0.0) + (1 - a) * ((1 - b) * np.abs(z) + b * motion)
+    return drive / (params.norm_sigma[block, None] + params.norm_weight[block, None] * pool)
 
 
-def _interp_matrix(t: int, sample_frames: np.ndarray) -> np.ndarray:
-    """``(t, K)`` matrix of linear interpolation from samples at ``sample_frames`` to frames ``0..t-1``."""
-    frames = np.arange(t, dtype=np.float64)
-    k = np.clip(np.searchsorted(sample_frames, frames, side="right") - 1, 0, len(sample_frames) - 1)
-    k1 = np.minimum(k + 1, len(sample_frames) - 1)
-    span = np.where(k1 > k, sample_frames[k1] - sample_frames[k], 1.0)
-    w1 = np.clip((frames - sample_frames[k]) / span, 0.0, 1.0)
-    m = np.zeros((t, len(sample_frames)))
-    m[np.arange(t), k] += 1 - w1
-    m[np.arange(t), k1] += w1
-    return m
+def _steps_of(x: np.ndarray, length: int) -> np.ndarray:
+    """Rows of ``x (T, ...)`` at the last frame of every 15 Hz step of a ``length``-frame trial."""
+    frames = np.minimum(np.arange(-(-length // FRAMES_PER_STEP)) * FRAMES_PER_STEP + FRAMES_PER_STEP - 1, length - 1)
+    return x[frames]
+
+
+def gaze_shift(params: NeuronParameters, pupil_center: np.ndarray) -> np.ndarray:
+    """RF shift ``(S, 2)`` in half-resolution px from the pupil centre ``(T, 2)`` of a trial."""
+    return float(params.gaze_gain) * (_steps_of(pupil_center, len(pupil_center)) - params.eye_reference)
+
+
+def behaviour_gain(params: NeuronParameters, behavior: np.ndarray) -> np.ndarray:
+    """Multiplicative gain ``(N, S)`` from ``behavior (T, 2)`` = [pupil size, running speed]."""
+    b = _steps_of(behavior, len(behavior))
+    running = np.clip(b[:, 1] / 10.0, 0.0, 2.5)
+    pupil = (b[:, 0] - params.pupil_reference[0]) / params.pupil_reference[1]
+    return np.exp(np.outer(params.run_weight, running) + np.outer(params.pupil_weight, pupil))
+
+
+def calibrate(params: NeuronParameters, videos: list[np.ndarray]) -> None:
+    """Set ``drive_mean`` = mean of ``d^p`` over natural ``videos`` seen with the eye at rest."""
+    total, count = np.zeros(len(params.channel)), 0
+    for video in videos:
+        bank = feature_bank(video)
+        d = stimulus_drive(bank, params, np.zeros((bank.steps, 2)))
+        total += (d.astype(np.float64) ** params.exponent[:, None]).sum(1)
+        count += bank.steps
+    params.drive_mean = total / count + 1e-9
+
+
+def step_rates(
+    bank: FeatureBank, params: NeuronParameters, behavior: np.ndarray, pupil_center: np.ndarray
+) -> np.ndarray:
+    """Noiseless rate ``(N, S)`` at 15 Hz for one trial (``behavior``, ``pupil_center``: ``(T, 2)`` of the trial)."""
+    d = stimulus_drive(bank, params, gaze_shift(params, pupil_center)).astype(np.float64)
+    tuned = d ** params.exponent[:, None] / params.drive_mean[:, None]
+    beta = params.baseline[:, None]
+    return params.target_mean[:, None] * behaviour_gain(params, behavior) * (beta + (1 - beta) * tuned)
+
+
+def _observation_matrices(length: int, phase: float) -> tuple[np.ndarray, np.ndarray]:
+    """Calcium-and-scan matrix ``(S, K)`` (15 Hz rate → 8 Hz samples) and interpolation ``(K, length)`` to 30 Hz.
+
+    The rate of step s holds over frames [2s + 1, 2s + 3) (it is known at frame 2s + 1); the calcium signal
+    integrates it exactly with the kernel ``exp(−t/τ)/τ``, so a constant rate gives a constant signal.
+    """
+    steps = -(-length // FRAMES_PER_STEP)
+    start = np.arange(steps, dtype=np.float64) * FRAMES_PER_STEP + FRAMES_PER_STEP - 1  # (S,)
+    scan_t = np.arange(phase, length - 1 + 1e-9, FPS / SCAN_HZ)  # (K,) frame times of the 8 Hz samples
+    lag_start = scan_t[None, :] - start[:, None]  # (S, K)
+    lag_end = np.maximum(lag_start - FRAMES_PER_STEP, 0.0)
+    calcium = np.where(lag_start > 0, np.exp(-lag_end / CALCIUM_TAU) - np.exp(-lag_start / CALCIUM_TAU), 0.0)
+    # Before the trial the cell sat at its first-step rate (steady state), not at zero.
+    calcium[0] += np.exp(-np.maximum(lag_start[0], 0.0) / CALCIUM_TAU)
+    frames = np.arange(length, dtype=np.float64)
+    k = np.clip(np.searchsorted(scan_t, frames, side="right") - 1, 0, len(scan_t) - 1)
+    k1 = np.minimum(k + 1, len(scan_t) - 1)
+    span = np.where(k1 > k, scan_t[k1] - scan_t[k], 1.0)
+    w1 = np.clip((frames - scan_t[k]) / span, 0.0, 1.0)
+    interp = np.zeros((len(scan_t), length))
+    np.add.at(interp, (k, np.arange(length)), 1 - w1)
+    np.add.at(interp, (k1, np.arange(length)), w1)
+    return calcium, interp
+
+
+def observe(
+    rate: np.ndarray, params: NeuronParameters, length: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rates, responses)`` ``(N, length)`` float32 at 30 Hz from the 15 Hz ``rate (N, S)``.
+
+    Calcium kernel → 8 Hz samples (random scan phase) → compound-Poisson noise with the sample as its mean →
+    linear interpolation to 30 Hz. ``rates`` skips the noise step.
+    """
+    calcium, interp = _observation_matrices(length, float(rng.uniform(0, FPS / SCAN_HZ)))
+    samples = (torch.from_numpy(rate) @ torch.from_numpy(calcium)).numpy()  # (N, K); torch: obeys its thread setting
+    amplitude = np.broadcast_to(params.noise_amplitude[:, None], samples.shape)
+    counts = rng.poisson(np.maximum(samples, 0.0) / amplitude)
+    noisy = np.zeros_like(samples)
+    events = counts > 0
+    # Sum of `counts` gamma(2, A/2) event sizes = gamma(2·counts, A/2): mean counts·A, the sample on average.
+    noisy[events] = rng.gamma(2.0 * counts[events], amplitude[events] / 2.0)
+    up = torch.from_numpy(interp.astype(np.float32))  # (K, length)
+    both = torch.from_numpy(np.concatenate([samples, noisy]).astype(np.float32)) @ up  # (2N, length)
+    return both[: len(samples)].numpy(), both[len(samples) :].numpy()

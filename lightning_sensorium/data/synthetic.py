@@ -1,169 +1,227 @@
 """Synthetic digital-twin mice written in the exact official SENSORIUM 2023 release layout.
 
 ``synthesize(out_dir, ...)`` writes one folder per mouse exactly as the release does (see
-:mod:`lightning_sensorium.data.layout`) — time last, NaN padding to the mouse's longest trial, shuffled trial
-order, all six tiers, per-frame statistics over train trials, the partially-NaN last frame that makes natural
-trials 299 frames long through the official loader — plus the generator's ground truth *beside* the mice in
+:mod:`lightning_sensorium.data.layout`): time last, float32, NaN padding to the mouse's longest trial, shuffled
+file order, all six tiers, per-frame statistics over the train trials, and the partially NaN last frame that makes
+natural trials 299 frames long through the official loader. The generator's ground truth goes *beside* the mice in
 ``out_dir/ground_truth/<session>/`` (noiseless rates, clip ids, stimulus types, neuron parameters).
 
-Stimuli: natural-like movies (1/f amplitude spectrum, panning backgrounds, moving objects, scene cuts) for the
-train / oracle / main tiers, and the five out-of-distribution families of the bonus tiers with the real trial
-lengths. Behaviour: running bouts, slow pupil dynamics coupled to running, fixational drift with saccade-like
-jumps of the pupil centre. Neurons: :mod:`lightning_sensorium.data.digital_twin`.
+Stimuli: natural-like movies (panning, zooming 1/f scenes with moving 1/f-textured objects and scene cuts every
+40–120 frames) for the train / oracle / main tiers, and the five out-of-distribution families of the bonus tiers
+with the real trial lengths. Behaviour: running in bouts, pupil size with slow dynamics coupled to running and
+arousal, pupil centre with fixational drift and saccade-like jumps. Neurons: :mod:`.digital_twin`.
 
-Everything streams clip by clip (all repeats of a clip are generated together, then written to their shuffled
-file numbers), so memory is bounded by one clip's feature bank and the statistics accumulators.
+Streaming: a mouse is cut into a few shards of clips; each shard renders a clip, computes its feature bank once,
+generates all repeats of it (own behaviour and noise each), writes each to its shuffled file number and adds the
+train trials to NaN-aware running sums. Memory is one clip plus the sums, whatever the number of trials. Shards run
+in worker processes; every trial draws from its own seed and shards are merged in a fixed order, so the bytes do
+not depend on the number of workers. The per-frame **median** is the only statistic not streamed: it is computed
+at the end from a bounded reservoir, the first ``MEDIAN_RESERVOIR`` train clips (a random sample: clips are i.i.d.),
+read back from disk in neuron chunks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
-import time
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from lightning_sensorium.data import digital_twin as twin
-from lightning_sensorium.data.layout import GROUND_TRUTH_DIR, OOD_STIMULUS_TYPES
+from lightning_sensorium.data.layout import DATA_KEYS, GROUND_TRUTH_DIR, OOD_STIMULUS_TYPES, TEST_TIERS
 
 H, W = twin.HEIGHT, twin.WIDTH
-GREY = 128.0
-#: Train trials kept for the per-frame median (a bounded reservoir: the first ones generated).
-MEDIAN_RESERVOIR = 24
+#: Background grey of the OOD stimuli: the mean grey level of the natural movies.
+GREY = 80.0
+#: Train clips whose trials form the reservoir of the per-frame median.
+MEDIAN_RESERVOIR = 16
+#: Shards per mouse (the unit of parallel work); fixed so the output does not depend on the worker count.
+SHARDS_PER_MOUSE = 4
 
 
 # -------------------------------------------------------------------------------------------------- stimuli
-def _pink(rng: np.random.Generator, h: int, w: int, alpha: float = 1.0) -> np.ndarray:
-    """Zero-mean, unit-std image with a 1/f^alpha amplitude spectrum."""
+def _pink(rng: np.random.Generator, h: int, w: int, alpha: float = 1.0, orientation: float | None = None) -> np.ndarray:
+    """Zero-mean, unit-std ``(h, w)`` image with a 1/f^alpha amplitude spectrum (optionally oriented)."""
     fy = np.fft.fftfreq(h)[:, None]
     fx = np.fft.rfftfreq(w)[None, :]
-    f = np.sqrt(fx**2 + fy**2)
+    f = np.hypot(fx, fy)
     f[0, 0] = 1.0
-    spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f**alpha
+    amplitude = f**-alpha
+    if orientation is not None:  # von Mises weighting of the wave-vector angle: oriented texture
+        amplitude = amplitude * np.exp((np.cos(2 * (np.arctan2(fy, fx) - orientation)) - 1) / 0.5)
+    spectrum = amplitude * (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape))
     spectrum[0, 0] = 0.0
     img = np.fft.irfft2(spectrum, s=(h, w))
     return (img - img.mean()) / (img.std() + 1e-9)
 
 
 def _to_grey(z: np.ndarray, mean: float = 80.0, std: float = 55.0) -> np.ndarray:
-    return np.clip(np.round(mean + std * z), 0, 255)
+    """Grey levels ``mean + std·z``, rounded and clipped to 0..255."""
+    return np.clip(np.round(mean + std * z), 0, 255).astype(np.float32)
+
+
+def _luminance(z: np.ndarray, mean: float = 80.0, std: float = 55.0) -> np.ndarray:
+    """Grey levels with a log-normal (positively skewed) distribution of ``mean``/``std``, like natural scenes."""
+    sigma = math.sqrt(math.log1p((std / mean) ** 2))
+    return np.clip(np.round(mean * np.exp(sigma * z - sigma**2 / 2)), 0, 255).astype(np.float32)
+
+
+def _affine_sample(texture: np.ndarray, theta: np.ndarray, padding: str = "reflection") -> np.ndarray:
+    """Sample ``texture (h, w)`` through per-frame affine maps ``theta (T, 2, 3)`` → ``(T, H, W)``.
+
+    ``theta`` maps output to input coordinates in ``F.affine_grid``'s normalised units (align_corners=False);
+    the grid is built here directly, which is several times cheaper than ``F.affine_grid`` for small frames.
+    """
+    xs = ((np.arange(W) * 2 + 1) / W - 1).astype(np.float32)  # pixel centres in [-1, 1]
+    ys = ((np.arange(H) * 2 + 1) / H - 1).astype(np.float32)
+    th = theta.astype(np.float32)[:, :, :, None, None]  # (T, 2, 3, 1, 1)
+    grid = th[:, :, 0] * xs[None, None, None, :] + th[:, :, 1] * ys[None, None, :, None] + th[:, :, 2]  # (T, 2, H, W)
+    tex = torch.from_numpy(texture.astype(np.float32))[None, None].expand(len(theta), -1, -1, -1)  # (T, 1, h, w)
+    grid_t = torch.from_numpy(np.ascontiguousarray(grid.transpose(0, 2, 3, 1)))  # (T, H, W, 2)
+    return F.grid_sample(tex, grid_t, padding_mode=padding, align_corners=False)[:, 0].numpy()  # (T, H, W)
+
+
+def _scene(rng: np.random.Generator, n: int) -> np.ndarray:
+    """One shot ``(n, H, W)`` in z units: a 1/f scene under a moving camera, with 0–2 moving textured objects."""
+    th, tw = 2 * H, 2 * W
+    texture = _pink(rng, th, tw, alpha=rng.uniform(0.9, 1.4))
+    t = np.arange(n, dtype=np.float64)
+    heading = rng.uniform(0, 2 * math.pi)
+    speed = rng.gamma(2.0, 0.15)  # texture px per frame
+    jitter = np.cumsum(rng.normal(0, 0.08, size=(n, 2)), axis=0)  # hand-held camera wobble
+    cx = rng.uniform(-0.25, 0.25) * tw / 2 + speed * math.cos(heading) * t + jitter[:, 0]
+    cy = rng.uniform(-0.25, 0.25) * th / 2 + speed * math.sin(heading) * t + jitter[:, 1]
+    scale = math.exp(rng.normal(0, 0.15)) * np.exp(rng.normal(0, 0.002) * t)  # texture px per view px; zoom
+    rot = rng.normal(0, 0.05) + rng.normal(0, 0.0015) * t
+    cos, sin = scale * np.cos(rot), scale * np.sin(rot)
+    # Pixel-space map (x, y) → (cos·x − sin·y + cx, sin·x + cos·y + cy), in affine_grid's normalised units.
+    theta = np.stack(
+        [
+            np.stack([cos * W / tw, -sin * H / tw, cx / (tw / 2)], axis=1),
+            np.stack([sin * W / th, cos * H / th, cy / (th / 2)], axis=1),
+        ],
+        axis=1,
+    )  # (n, 2, 3)
+    frames = _affine_sample(texture, theta)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    for _ in range(int(rng.choice(3, p=[0.3, 0.45, 0.25]))):
+        size = 32
+        obj = _pink(rng, size, size, alpha=rng.uniform(0.8, 1.3)) * rng.uniform(0.6, 1.2) + rng.normal(0, 0.9)
+        rx, ry = rng.uniform(4, 12, size=2)
+        start = rng.uniform([-5, -5], [W + 5, H + 5])
+        vel = rng.normal(0, 0.9, size=2)
+        ox, oy = (start[0] + vel[0] * t).astype(np.float32), (start[1] + vel[1] * t).astype(np.float32)  # (n,)
+        dx, dy = xx[None] - ox[:, None, None], yy[None] - oy[:, None, None]  # (n, H, W)
+        radius = np.sqrt((dx / rx) ** 2 + (dy / ry) ** 2)
+        mask = 1 / (1 + np.exp((radius - 1) * np.float32(min(rx, ry))))  # soft edge ~1 px
+        # The texture moves with the object: sample it at the offset from the object's centre.
+        grid = torch.from_numpy(np.stack([dx, dy], axis=-1) / np.float32(size / 2))  # (n, H, W, 2)
+        src = torch.from_numpy(obj.astype(np.float32))[None, None].expand(n, -1, -1, -1)
+        inside = F.grid_sample(src, grid, padding_mode="reflection", align_corners=False)[:, 0].numpy()
+        frames = frames + mask * (inside - frames)
+    return frames
 
 
 def natural_movie(rng: np.random.Generator, length: int = 300) -> np.ndarray:
-    """``(T, H, W)`` natural-like movie: panning 1/f scenes, a moving 1/f-textured object, scene cuts."""
-    frames = np.empty((length, H, W))
+    """``(T, H, W)`` natural-like movie in grey levels: shots of 40–120 frames with their own brightness/contrast."""
+    frames = np.empty((length, H, W), dtype=np.float32)
     t = 0
     while t < length:
-        seg = int(rng.integers(40, 121))
-        bg = _pink(rng, 3 * H, 3 * W, alpha=rng.uniform(0.9, 1.3))
-        obj = _pink(rng, H, H, alpha=1.0) * 1.3 + rng.normal(0, 0.8)
-        radius = rng.uniform(5, 12)
-        pos = np.array([rng.uniform(0, 2 * H), rng.uniform(0, 2 * W)])
-        vel = rng.normal(0, 0.6, size=2)
-        opos = np.array([rng.uniform(0, H), rng.uniform(0, W)])
-        ovel = rng.normal(0, 1.2, size=2)
-        yy, xx = np.mgrid[0:H, 0:W]
-        oy, ox = np.mgrid[0:H, 0:H]
-        for i in range(t, min(t + seg, length)):
-            y0 = int(np.clip(round(pos[0]), 0, 2 * H))
-            x0 = int(np.clip(round(pos[1]), 0, 2 * W))
-            img = bg[y0 : y0 + H, x0 : x0 + W].copy()
-            mask = (yy - opos[0]) ** 2 + (xx - opos[1]) ** 2 < radius**2
-            iy = (yy[mask] - int(opos[0]) + H // 2) % H
-            ix = (xx[mask] - int(opos[1]) + H // 2) % H
-            img[mask] = obj[oy[iy, 0], ox[0, ix]]
-            frames[i] = img
-            pos += vel
-            opos = (opos + ovel) % np.array([H, W])
-        t += seg
-    return _to_grey(frames)
+        n = min(int(rng.integers(40, 121)), length - t)
+        mean = float(np.clip(rng.normal(84, 14), 45, 125))
+        frames[t : t + n] = _luminance(_scene(rng, n), mean, mean * rng.uniform(0.65, 1.0))
+        t += n
+    return frames
 
 
 def directional_pink_noise(rng: np.random.Generator, length: int) -> np.ndarray:
-    """Pink noise drifting in a new direction every 27-frame block."""
-    frames = np.empty((length, H, W))
+    """Oriented pink noise drifting orthogonally to its orientation, new direction every 27-frame block."""
+    frames = np.empty((length, H, W), dtype=np.float32)
+    fy, fx = np.fft.fftfreq(H)[:, None], np.fft.rfftfreq(W)[None, :]
     for b in range(0, length, 27):
-        field = _pink(rng, 2 * H, 2 * W, alpha=1.0)
-        theta = rng.uniform(0, 2 * math.pi)
-        speed = rng.uniform(0.5, 1.5)
-        for i in range(b, min(b + 27, length)):
-            dy, dx = (i - b) * speed * math.sin(theta), (i - b) * speed * math.cos(theta)
-            frames[i] = np.roll(field, (int(round(dy)), int(round(dx))), axis=(0, 1))[:H, :W]
-    return _to_grey(frames, mean=GREY, std=45.0)
+        n = min(27, length - b)
+        direction = rng.uniform(0, 2 * math.pi)
+        spectrum = np.fft.rfft2(_pink(rng, H, W, alpha=1.0, orientation=direction))
+        shift = rng.uniform(0.5, 2.0) * np.arange(n)[:, None, None]  # px along `direction`
+        phase = np.exp(-2j * math.pi * shift * (fx * math.cos(direction) + fy * math.sin(direction)))
+        z = np.fft.irfft2(spectrum[None] * phase, s=(H, W))  # exact sub-pixel translation (periodic)
+        frames[b : b + n] = _to_grey(z, GREY, 45.0)
+    return frames
 
 
 def gaussian_dots(rng: np.random.Generator, length: int) -> np.ndarray:
-    """A bright or dark Gaussian dot at a new position every 9 frames, on grey."""
-    frames = np.full((length, H, W), GREY)
+    """A white or black Gaussian dot at one of 7×15 positions, new every 9 frames, on grey."""
+    frames = np.full((length, H, W), GREY, dtype=np.float32)
     yy, xx = np.mgrid[0:H, 0:W]
+    rows, cols = np.linspace(3, H - 4, 7), np.linspace(3, W - 4, 15)
     for b in range(0, length, 9):
-        cy, cx = rng.uniform(4, H - 4), rng.uniform(4, W - 4)
-        polarity = rng.choice([-1.0, 1.0])
-        dot = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 4.0**2))
-        frames[b : b + 9] = GREY + polarity * 120.0 * dot
-    return np.clip(np.round(frames), 0, 255)
+        cy, cx = rows[rng.integers(7)], cols[rng.integers(15)]
+        dot = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 3.0**2))
+        peak = 255.0 if rng.random() < 0.5 else 0.0
+        frames[b : b + 9] = np.round(GREY + (peak - GREY) * dot)
+    return frames
 
 
-def random_dots(rng: np.random.Generator, length: int) -> np.ndarray:
-    """Random dot kinematogram: 60-frame blocks, 8 directions, 2 coherences, 2 speeds."""
-    frames = np.full((length, H, W), GREY)
-    n_dots = 90
+def random_dots(rng: np.random.Generator, length: int, n_dots: int = 60) -> np.ndarray:
+    """Random dot kinematogram: 60-frame blocks, 8 directions × 2 coherences × 2 speeds, 2×2 px black/white dots."""
+    frames = np.full((length, H, W), GREY, dtype=np.float32)
     for b in range(0, length, 60):
+        n = min(60, length - b)
         theta = 2 * math.pi * int(rng.integers(8)) / 8
-        coherence = float(rng.choice([0.5, 1.0]))
-        speed = float(rng.choice([1.0, 2.0]))
-        pos = rng.uniform([0, 0], [H, W], size=(n_dots, 2))
-        polarity = rng.choice([0.0, 255.0], size=n_dots)
-        for i in range(b, min(b + 60, length)):
-            coherent = rng.random(n_dots) < coherence
-            step = np.where(
-                coherent[:, None],
-                speed * np.array([math.sin(theta), math.cos(theta)]),
-                rng.normal(0, speed, size=(n_dots, 2)),
-            )
-            pos = (pos + step) % np.array([H, W])
-            iy, ix = pos[:, 0].astype(int) % H, pos[:, 1].astype(int) % W
-            frames[i, iy, ix] = polarity
-            frames[i, (iy + 1) % H, ix] = polarity
-            frames[i, iy, (ix + 1) % W] = polarity
+        coherence, speed = float(rng.choice([0.5, 1.0])), float(rng.choice([1.0, 2.0]))
+        coherent = rng.random(n_dots) < coherence
+        noise_dir = rng.uniform(0, 2 * math.pi, size=(n, n_dots))
+        heading = np.where(coherent[None], theta, noise_dir)  # (n, dots)
+        steps = speed * np.stack([np.sin(heading), np.cos(heading)], axis=-1)  # (n, dots, [y, x])
+        pos = rng.uniform([0, 0], [H, W], size=(1, n_dots, 2)) + np.cumsum(steps, axis=0)
+        iy, ix = pos[..., 0].astype(np.int64) % H, pos[..., 1].astype(np.int64) % W
+        colour = np.broadcast_to(rng.choice([0.0, 255.0], size=n_dots), (n, n_dots))
+        f = np.broadcast_to(np.arange(n)[:, None], (n, n_dots)) + b
+        for oy, ox in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            frames[f, (iy + oy) % H, (ix + ox) % W] = colour
     return frames
 
 
 def drifting_gabor(rng: np.random.Generator, length: int) -> np.ndarray:
-    """Full-contrast Gabor patches drifting in one of 8 directions × 3 SF × 3 TF per 25-frame block."""
-    frames = np.full((length, H, W), GREY)
+    """Gabor patches drifting in one of 8 directions × 3 SF × 3 TF per 25-frame block, on grey."""
+    frames = np.full((length, H, W), GREY, dtype=np.float32)
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
     for b in range(0, length, 25):
+        n = min(25, length - b)
         theta = 2 * math.pi * int(rng.integers(8)) / 8
         sf = float(rng.choice([0.04, 0.08, 0.16]))  # cycles / pixel
         tf = float(rng.choice([1.0, 2.0, 4.0])) / 30.0  # cycles / frame
         cy, cx = rng.uniform(8, H - 8), rng.uniform(12, W - 12)
-        env = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 10.0**2))
+        env = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 9.0**2))
         proj = (xx - cx) * math.cos(theta) + (yy - cy) * math.sin(theta)
-        for i in range(b, min(b + 25, length)):
-            frames[i] = GREY + 127 * env * np.cos(2 * math.pi * (sf * proj - tf * (i - b)))
-    return np.clip(np.round(frames), 0, 255)
+        phase = 2 * math.pi * (sf * proj[None] - tf * np.arange(n)[:, None, None])
+        frames[b : b + n] = np.clip(np.round(GREY + GREY * env * np.cos(phase)), 0, 255)
+    return frames
 
 
 def image_flashes(rng: np.random.Generator, length: int) -> np.ndarray:
     """Static natural-like images for 15 frames, each followed by 12–18 grey frames."""
-    frames = np.full((length, H, W), GREY)
+    frames = np.full((length, H, W), GREY, dtype=np.float32)
     t = 0
     while t < length:
-        frames[t : t + 15] = _to_grey(_pink(rng, H, W, alpha=rng.uniform(0.9, 1.3)))
+        frames[t : t + 15] = _luminance(_pink(rng, H, W, alpha=rng.uniform(0.9, 1.4)))
         t += 15 + int(rng.integers(12, 19))
     return frames
 
 
-OOD_GENERATORS = {
+OOD_GENERATORS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "pink_noise": directional_pink_noise,
     "gaussian_dots": gaussian_dots,
     "random_dots": random_dots,
@@ -174,50 +232,75 @@ OOD_GENERATORS = {
 
 def ood_length(rng: np.random.Generator, stimulus_type: str) -> int:
     """Trial lengths like the real bonus tiers (data-format.md §1)."""
-    return {
-        "pink_noise": int(rng.integers(313, 325)),
-        "gaussian_dots": 315,
-        "random_dots": 240,
-        "drifting_gabor": 300,
-        "image": int(rng.integers(305, 415)),
-    }[stimulus_type]
+    if stimulus_type == "pink_noise":
+        return int(rng.integers(313, 325))
+    if stimulus_type == "image":
+        return int(rng.integers(305, 415))
+    return {"gaussian_dots": 315, "random_dots": 240, "drifting_gabor": 300}[stimulus_type]
 
 
 # ------------------------------------------------------------------------------------------------ behaviour
-def behaviour(rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """``behavior (T, 2)`` = [pupil size, running speed] and ``pupil_center (T, 2)`` = [x, y] in camera pixels."""
-    running = np.zeros(length)
-    state = rng.random() < 0.4
-    target = 0.0
-    speed = rng.uniform(0, 3) if state else 0.0
+@dataclass(frozen=True)
+class MouseBehaviour:
+    """Per-mouse behaviour constants: typical pupil size, resting eye position, how much it runs."""
+
+    pupil_mean: float
+    eye_reference: tuple[float, float]
+    run_propensity: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> MouseBehaviour:
+        return cls(
+            pupil_mean=float(rng.uniform(40, 55)),
+            eye_reference=(float(rng.uniform(122, 154)), float(rng.uniform(122, 154))),
+            run_propensity=float(rng.uniform(0.5, 1.5)),
+        )
+
+
+def behaviour(rng: np.random.Generator, length: int, mouse: MouseBehaviour) -> tuple[np.ndarray, np.ndarray]:
+    """``behavior (T, 2)`` = [pupil size, running speed] and ``pupil_center (T, 2)`` = [x, y] camera px.
+
+    Running: a two-state (still / run) Markov chain whose bouts have their own target speed, approached smoothly.
+    Pupil: a per-trial arousal level plus slow dynamics that follow running. Eye: slow fixational drift back to
+    the resting position plus saccade-like jumps (more often while running).
+    """
+    arousal = float(rng.normal())
+    p_start = mouse.run_propensity * math.exp(0.6 * arousal) / 300.0
+    p_stop = math.exp(-0.4 * arousal) / 120.0
+    u = rng.random((length, 2)).tolist()
+    targets = np.clip(rng.lognormal(math.log(8.0), 0.5, size=length), 1.0, 25.0).tolist()
+    n_speed, n_pupil = rng.normal(0, 0.35, size=length).tolist(), rng.normal(0, 0.35, size=length).tolist()
+    drift = rng.normal(0, 0.12, size=(length, 2)).tolist()
+    jumps = (rng.normal(0, 1, size=(length, 2)) * [4.0, 3.0]).tolist()
+    running, pupil, center = np.empty(length), np.empty(length), np.empty((length, 2))
+    state = rng.random() < p_start / (p_start + p_stop)
+    goal = targets[0] if state else 0.0
+    speed = goal * float(rng.uniform(0.5, 1.0))
+    base = mouse.pupil_mean + 11.0 * arousal
+    p = base + 4.0 * float(rng.normal()) + (6.0 if state else 0.0)
+    ref_x, ref_y = mouse.eye_reference
+    x, y = ref_x + 3.5 * float(rng.normal()), ref_y + 3.5 * float(rng.normal())
     for i in range(length):
-        if state and rng.random() < 1 / 90:
-            state = False
-        elif not state and rng.random() < 1 / 150:
-            state = True
-            target = rng.lognormal(math.log(8.0), 0.5)
-        goal = target if state else 0.0
-        speed += (goal - speed) / 10.0 + rng.normal(0, 0.3) * state
-        running[i] = max(speed, 0.0)
-    pupil = np.empty(length)
-    p = 45.0 + rng.normal(0, 6)
-    for i in range(length):
-        p += (45.0 + 0.8 * running[i] - p) / 60.0 + rng.normal(0, 0.6)
-        pupil[i] = p
-    center = np.empty((length, 2))
-    c = np.array([140.0, 130.0]) + rng.normal(0, 4, size=2)
-    for i in range(length):
-        c += rng.normal(0, 0.08, size=2) + (np.array([140.0, 130.0]) - c) / 400.0
-        if rng.random() < 1 / 60:  # saccade
-            c += rng.normal(0, 4.0, size=2)
-        center[i] = c
-    return np.stack([np.maximum(pupil, 5.0), running], axis=1), center
+        if state and u[i][0] < p_stop:
+            state, goal = False, 0.0
+        elif not state and u[i][0] < p_start:
+            state, goal = True, targets[i]
+        speed = max(speed + (goal - speed) / 12.0 + (n_speed[i] if state else 0.0), 0.0)
+        running[i] = speed if speed > 0.05 else 0.0
+        p += (base + 0.8 * speed - p) / 60.0 + n_pupil[i]
+        pupil[i] = max(p, 10.0)
+        x += (ref_x - x) / 250.0 + drift[i][0]
+        y += (ref_y - y) / 250.0 + drift[i][1]
+        if u[i][1] < (1 / 30 if state else 1 / 75):  # saccade
+            x, y = x + jumps[i][0], y + jumps[i][1]
+        center[i] = (x, y)
+    return np.stack([pupil, running], axis=1), center
 
 
 # ------------------------------------------------------------------------------------------- trial planning
 @dataclass(frozen=True)
 class Clip:
-    """One unique stimulus: its tier, family, length and the seed its pixels come from."""
+    """One unique stimulus: its id (unique within the mouse), tier, family, length and pixel seed."""
 
     clip_id: int
     tier: str
@@ -227,7 +310,11 @@ class Clip:
 
 
 def plan_clips(rng: np.random.Generator, mouse: int, train_trials: int, clips_per_tier: int) -> list[Clip]:
-    """The unique clips of one mouse; OOD families rotate across mice like the real release."""
+    """The unique clips of one mouse; OOD families rotate across mice like the real release.
+
+    Mouse k sees family k mod 5 in ``live_test_bonus`` and the next two in ``final_test_bonus`` — the same
+    (live; final) combinations as real mice A, E, C, B, D.
+    """
     fam = list(OOD_STIMULUS_TYPES)
     live_bonus = [fam[mouse % 5]]
     final_bonus = [fam[(mouse + 1) % 5], fam[(mouse + 2) % 5]]
@@ -258,44 +345,58 @@ def render(clip: Clip) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ statistics
 class _FrameStats:
-    """Streaming NaN-aware per-frame statistics over trials for one key (array shape ``(..., T_pad)``)."""
+    """NaN-aware running sums over trials for one key (arrays ``(..., T_pad)``); mergeable across shards."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
-        self.n = np.zeros(shape)
+        self.n = np.zeros(shape, dtype=np.int32)
         self.s = np.zeros(shape)
         self.ss = np.zeros(shape)
-        self.lo = np.full(shape, np.inf)
-        self.hi = np.full(shape, -np.inf)
-        self.reservoir: list[np.ndarray] = []
+        self.lo = np.full(shape, np.inf, dtype=np.float32)
+        self.hi = np.full(shape, -np.inf, dtype=np.float32)
 
     def add(self, x: np.ndarray) -> None:
         ok = ~np.isnan(x)
-        v = np.where(ok, x, 0.0)
+        v = np.where(ok, x.astype(np.float64), 0.0)
         self.n += ok
         self.s += v
         self.ss += v * v
-        self.lo = np.where(ok, np.minimum(self.lo, v), self.lo)
-        self.hi = np.where(ok, np.maximum(self.hi, v), self.hi)
-        if len(self.reservoir) < MEDIAN_RESERVOIR:
-            self.reservoir.append(x.astype(np.float32))
+        np.fmin(self.lo, x, out=self.lo)  # fmin/fmax ignore NaN
+        np.fmax(self.hi, x, out=self.hi)
+
+    def merge(self, other: _FrameStats) -> None:
+        self.n += other.n
+        self.s += other.s
+        self.ss += other.ss
+        np.minimum(self.lo, other.lo, out=self.lo)
+        np.maximum(self.hi, other.hi, out=self.hi)
 
     def result(self) -> dict[str, np.ndarray]:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            n = np.where(self.n > 0, self.n, np.nan)
-            mean = self.s / n
-            std = np.sqrt(np.maximum(self.ss / n - mean**2, 0.0))
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN frames → NaN, as in the release
-            median = np.nanmedian(np.stack(self.reservoir), axis=0)
+        """Per-frame mean, std (ddof 0), min, max; NaN where no trial has a value (beyond the train trials)."""
+        seen = self.n > 0
+        n = np.where(seen, self.n, 1)
+        mean = self.s / n
+        std = np.sqrt(np.maximum(self.ss / n - mean**2, 0.0))
+        nan = np.float32(np.nan)
         return {
-            "mean": mean.astype(np.float32),
-            "std": std.astype(np.float32),
-            "min": np.where(self.n > 0, self.lo, np.nan).astype(np.float32),
-            "max": np.where(self.n > 0, self.hi, np.nan).astype(np.float32),
-            "median": median.astype(np.float32),
+            "mean": np.where(seen, mean, nan).astype(np.float32),
+            "std": np.where(seen, std, nan).astype(np.float32),
+            "min": np.where(seen, self.lo, nan).astype(np.float32),
+            "max": np.where(seen, self.hi, nan).astype(np.float32),
         }
+
+
+def _median(files: list[Path], chunk_elements: int = 1 << 23) -> np.ndarray:
+    """NaN-aware median over trial files (same shape), read in chunks of the first axis to bound memory."""
+    arrays = [np.load(f, mmap_mode="r") for f in files]
+    shape = arrays[0].shape
+    per_row = max(1, len(files) * int(np.prod(shape[1:])))
+    rows = max(1, chunk_elements // per_row)
+    out = np.empty(shape, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN frames → NaN, as in the release
+        for r in range(0, shape[0], rows):
+            out[r : r + rows] = np.nanmedian(np.stack([a[r : r + rows] for a in arrays]), axis=0)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- writer
@@ -304,49 +405,50 @@ def session_name(seed: int, mouse: int) -> str:
     return f"synthetic{seed}-{mouse}-Video-digitaltwin"
 
 
-def _trial_plan(clips: list[Clip], repeats: int) -> list[tuple[Clip, int]]:
-    return [(c, r) for c in clips for r in range(1 if c.tier == "train" else repeats)]
+@dataclass
+class _Mouse:
+    """Everything a shard worker needs to write its trials of one mouse (picklable)."""
 
+    index: int
+    seed: int
+    name: str
+    tmp: Path
+    gt_tmp: Path
+    clips: list[Clip]
+    first_pos: np.ndarray  # (n_clips,) plan position of each clip's first repeat
+    order: np.ndarray  # plan position → file number
+    repeats: int
+    t_pad: int
+    unit_ids: np.ndarray
+    coords: np.ndarray
+    params: twin.NeuronParameters
+    behaviour: MouseBehaviour
+    hide_test: bool
 
-def _save(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
+    def n_repeats(self, clip: Clip) -> int:
+        return 1 if clip.tier == "train" else self.repeats
+
+    @property
+    def n_trials(self) -> int:
+        return len(self.order)
+
+    def shard(self, s: int) -> list[Clip]:
+        return self.clips[s::SHARDS_PER_MOUSE]
+
+    def file_of(self, clip: Clip, repeat: int) -> int:
+        return int(self.order[self.first_pos[clip.clip_id] + repeat])
 
 
 def _neuron_meta(rng: np.random.Generator, neurons: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.sort(rng.choice(np.arange(1, int(neurons * 1.12) + 2), size=neurons, replace=False)).astype(np.int64)
-    xy = rng.uniform(0, 1000, size=(neurons, 2))
+    """Sorted, 1-based, non-contiguous unit ids and integer cortical coordinates (µm) on 10 planes."""
+    ids = np.sort(rng.choice(np.arange(1, int(neurons * 1.1) + 3), size=neurons, replace=False)).astype(np.int64)
+    origin = rng.uniform(0, 400, size=2)
+    xy = origin + rng.uniform(0, 630, size=(neurons, 2))
     z = 200 + 25 * rng.integers(0, 10, size=neurons)
-    coords = np.round(np.column_stack([xy, z])).astype(np.int64)
-    return ids, coords
+    return ids, np.round(np.column_stack([xy, z])).astype(np.int64)
 
 
-def _calibrate(params: twin.NeuronParameters, rng: np.random.Generator) -> None:
-    """Scale each neuron so its mean rate on a calibration movie is its ``target_mean``."""
-    movie = natural_movie(rng, 200)
-    behavior, center = behaviour(rng, 200)
-    d = twin.drive(twin.feature_bank(movie), params, center) * twin.behaviour_gain(params, behavior)
-    params.scale = params.target_mean / (d.mean(0) + 1e-6)
-
-
-def _iter_trials(
-    clips: list[Clip], repeats: int, params: twin.NeuronParameters, rng: np.random.Generator
-) -> Iterator[tuple[Clip, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield ``(clip, video, behavior, pupil_center, rates, responses)`` time-first, clip by clip."""
-    for clip in clips:
-        video = render(clip)
-        bank = twin.feature_bank(video)
-        for _ in range(1 if clip.tier == "train" else repeats):
-            behavior, center = behaviour(rng, clip.length)
-            d = twin.drive(bank, params, center) * twin.behaviour_gain(params, behavior)
-            rate = params.baseline + params.scale * d
-            trace = twin.calcium(rate)
-            rates = twin.sample_8hz_upsample(trace, None)
-            responses = twin.sample_8hz_upsample(trace, rng)
-            yield clip, video, behavior, center, rates, responses
-
-
-def _write_mouse(  # noqa: C901 - one pass over trials
+def _setup_mouse(
     root: Path,
     k: int,
     *,
@@ -356,96 +458,168 @@ def _write_mouse(  # noqa: C901 - one pass over trials
     repeats: int,
     seed: int,
     hide_test: bool,
-    progress: Any = None,
-) -> Path:
-    """Write mouse ``k`` (session folder + ground truth), atomically. ``progress``: a queue that gets 1 per trial."""
+) -> _Mouse:
+    """Plan one mouse, draw and calibrate its neurons, create its temporary folders."""
     name = session_name(seed, k)
-    final, gt_final = root / name, root / GROUND_TRUTH_DIR / name
-    for p in (final, gt_final):
-        if p.exists():
-            raise FileExistsError(f"{p} already exists; choose another OUT_DIR or remove it")
+    rng = np.random.default_rng([seed, k])
+    clips = plan_clips(rng, k, train_trials, clips_per_tier)
+    counts = np.array([1 if c.tier == "train" else repeats for c in clips])
+    first_pos = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    order = rng.permutation(int(counts.sum()))
+    unit_ids, coords = _neuron_meta(rng, neurons)
+    mb = MouseBehaviour.draw(rng)
+    params = twin.draw_neurons(rng, coords, np.asarray(mb.eye_reference), np.array([mb.pupil_mean, 12.0]))
+    cal = np.random.default_rng([seed, k, 1])
+    twin.calibrate(params, [natural_movie(cal, 300) for _ in range(2)])
     tmp, gt_tmp = root / f".{name}.tmp", root / GROUND_TRUTH_DIR / f".{name}.tmp"
     for p in (tmp, gt_tmp):
         shutil.rmtree(p, ignore_errors=True)
-
-    rng = np.random.default_rng([seed, k])
-    clips = plan_clips(rng, k, train_trials, clips_per_tier)
-    plan = _trial_plan(clips, repeats)
-    order = rng.permutation(len(plan))  # plan position -> file number
-    t_pad = max(c.length for c in clips)
-    unit_ids, coords = _neuron_meta(rng, neurons)
-    params = twin.draw_neurons(rng, coords)
-    _calibrate(params, np.random.default_rng([seed, k, 1]))
-
-    for key in ("videos", "responses", "behavior", "pupil_center"):
+    for key in DATA_KEYS:
         (tmp / "data" / key).mkdir(parents=True)
     (gt_tmp / "rates").mkdir(parents=True)
-    stats = {
-        "videos": _FrameStats((H, W, t_pad)),
-        "responses": _FrameStats((neurons, t_pad)),
-        "behavior": _FrameStats((2, t_pad)),
-        "pupil_center": _FrameStats((2, t_pad)),
-    }
-    tiers = np.empty(len(plan), dtype="<U16")
-    clip_ids = np.empty(len(plan), dtype=np.int64)
-    types = np.empty(len(plan), dtype="<U16")
-    noise_rng = np.random.default_rng([seed, k, 2])
-    for pos, (clip, video, behavior, center, rates, responses) in enumerate(
-        _iter_trials(clips, repeats, params, noise_rng)
-    ):
-        i = int(order[pos])
-        length = clip.length
-        v = np.full((H, W, t_pad), np.nan, dtype=np.float32)
-        v[:, :, :length] = video.transpose(1, 2, 0)  # (T, H, W) -> (H, W, T)
-        # The release's last valid frame is partially NaN: the official loader keeps length - 1 frames.
-        v[: H // 3, :, length - 1] = np.nan
-        r = np.full((neurons, t_pad), np.nan, dtype=np.float32)
-        r[:, :length] = responses.T
-        gt = np.full((neurons, t_pad), np.nan, dtype=np.float32)
-        gt[:, :length] = rates.T
-        pc = np.full((2, t_pad), np.nan, dtype=np.float32)
-        pc[:, :length] = center.T
-        # Behaviour is never NaN: the recording goes on past the stimulus.
-        b_full = (
-            behavior.T
-            if length == t_pad
-            else np.concatenate(
-                [behavior.T, behaviour(np.random.default_rng([seed, k, 3, i]), t_pad - length)[0].T], axis=1
-            )
-        )
-        b = b_full.astype(np.float32)
-        if hide_test and clip.tier.startswith(("live_test", "final_test")):
-            r = np.zeros((neurons, t_pad), dtype=np.float32)
-        if clip.tier == "train":
-            for key, arr in (("videos", v), ("responses", r), ("behavior", b), ("pupil_center", pc)):
-                stats[key].add(arr)
-        for key, arr in (("videos", v), ("responses", r), ("behavior", b), ("pupil_center", pc)):
-            _save(tmp / "data" / key / f"{i}.npy", arr)
-        _save(gt_tmp / "rates" / f"{i}.npy", gt)
-        tiers[i], clip_ids[i], types[i] = clip.tier, clip.clip_id, clip.stimulus_type
-        if progress is not None:
-            progress.put(1)
+    return _Mouse(
+        index=k,
+        seed=seed,
+        name=name,
+        tmp=tmp,
+        gt_tmp=gt_tmp,
+        clips=clips,
+        first_pos=first_pos,
+        order=order,
+        repeats=repeats,
+        t_pad=max(c.length for c in clips),
+        unit_ids=unit_ids,
+        coords=coords,
+        params=params,
+        behaviour=mb,
+        hide_test=hide_test,
+    )
 
+
+def _padded(x: np.ndarray, t_pad: int) -> np.ndarray:
+    """``x (..., L)`` → float32 ``(..., t_pad)`` with NaN after L."""
+    out = np.full((*x.shape[:-1], t_pad), np.nan, dtype=np.float32)
+    out[..., : x.shape[-1]] = x
+    return out
+
+
+def _trials(mouse: _Mouse, clip: Clip) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
+    """``(file number, release arrays (time last, padded), noiseless rates)`` for every repeat of ``clip``."""
+    video = render(clip)  # (L, H, W)
+    bank = twin.feature_bank(video)
+    length, t_pad, n = clip.length, mouse.t_pad, len(mouse.unit_ids)
+    v = _padded(video.transpose(1, 2, 0), t_pad)  # (H, W, T_pad)
+    v[: H // 3, :, length - 1] = np.nan  # the release's last valid frame is partially NaN
+    for r in range(mouse.n_repeats(clip)):
+        rng = np.random.default_rng([mouse.seed, mouse.index, 2, clip.clip_id, r])
+        behavior, center = behaviour(rng, t_pad, mouse.behaviour)  # (T_pad, 2) each, never NaN
+        rate = twin.step_rates(bank, mouse.params, behavior[:length], center[:length])
+        rates, responses = twin.observe(rate, mouse.params, length, rng)  # (N, L) each
+        hidden = mouse.hide_test and clip.tier in TEST_TIERS
+        arrays = {
+            "videos": v,
+            "responses": np.zeros((n, t_pad), dtype=np.float32) if hidden else _padded(responses, t_pad),
+            "behavior": behavior.T.astype(np.float32),  # recorded beyond the stimulus: no NaN
+            "pupil_center": _padded(center[:length].T, t_pad),
+        }
+        yield mouse.file_of(clip, r), arrays, _padded(rates, t_pad)
+
+
+def _stat_shapes(mouse: _Mouse) -> dict[str, tuple[int, ...]]:
+    n, t = len(mouse.unit_ids), mouse.t_pad
+    return {"videos": (H, W, t), "responses": (n, t), "behavior": (2, t), "pupil_center": (2, t)}
+
+
+def _write_shard(mouse: _Mouse, shard: int, progress: Any = None) -> dict[str, _FrameStats]:
+    """Write every trial of shard ``shard`` of ``mouse``; return its train-trial sums. ``progress``: ``put(1)``."""
+    stats = {key: _FrameStats(shape) for key, shape in _stat_shapes(mouse).items()}
+    for clip in mouse.shard(shard):
+        for i, arrays, rates in _trials(mouse, clip):
+            for key, arr in arrays.items():
+                np.save(mouse.tmp / "data" / key / f"{i}.npy", arr)
+                if clip.tier == "train":
+                    stats[key].add(arr)
+            np.save(mouse.gt_tmp / "rates" / f"{i}.npy", rates)
+            if progress is not None:
+                progress.put(1)
+    return stats
+
+
+def _finish_mouse(mouse: _Mouse, stats: dict[str, _FrameStats], root: Path) -> Path:
+    """Write meta, statistics and ground-truth tables, then move both folders into place."""
+    tmp, gt_tmp = mouse.tmp, mouse.gt_tmp
+    tiers = np.empty(mouse.n_trials, dtype="<U16")
+    clip_ids = np.empty(mouse.n_trials, dtype=np.int64)
+    types = np.empty(mouse.n_trials, dtype="<U16")
+    for clip in mouse.clips:
+        for r in range(mouse.n_repeats(clip)):
+            i = mouse.file_of(clip, r)
+            tiers[i], clip_ids[i], types[i] = clip.tier, clip.clip_id, clip.stimulus_type
     meta = tmp / "meta"
     (meta / "trials").mkdir(parents=True)
     (meta / "neurons").mkdir(parents=True)
-    _save(meta / "trials" / "tiers.npy", tiers)
-    _save(meta / "neurons" / "unit_ids.npy", unit_ids)
-    _save(meta / "neurons" / "cell_motor_coordinates.npy", coords)
+    np.save(meta / "trials" / "tiers.npy", tiers)
+    np.save(meta / "neurons" / "unit_ids.npy", mouse.unit_ids)
+    np.save(meta / "neurons" / "cell_motor_coordinates.npy", mouse.coords)
+    reservoir = [mouse.file_of(c, 0) for c in mouse.clips if c.tier == "train"][:MEDIAN_RESERVOIR]
     for key, acc in stats.items():
         d = meta / "statistics" / key / "all"
         d.mkdir(parents=True)
-        for stat, arr in acc.result().items():
-            _save(d / f"{stat}.npy", arr)
+        result = acc.result()
+        result["median"] = _median([tmp / "data" / key / f"{i}.npy" for i in reservoir])
+        for stat in ("mean", "std", "min", "max", "median"):
+            np.save(d / f"{stat}.npy", result[stat])
     (tmp / "config.json").write_text(json.dumps({"links": {}}))
-    _save(gt_tmp / "clip_ids.npy", clip_ids)
-    _save(gt_tmp / "stimulus_types.npy", types)
+    np.save(gt_tmp / "clip_ids.npy", clip_ids)
+    np.save(gt_tmp / "stimulus_types.npy", types)
     (gt_tmp / "neurons").mkdir()
-    for pname, arr in params.as_arrays().items():  # .npy, not .npz: zip members carry timestamps
-        _save(gt_tmp / "neurons" / f"{pname}.npy", arr)
-    os.replace(gt_tmp, gt_final)
-    os.replace(tmp, final)
-    return final
+    for pname, arr in mouse.params.as_arrays().items():  # .npy, not .npz: zip members carry timestamps
+        np.save(gt_tmp / "neurons" / f"{pname}.npy", arr)
+    os.replace(gt_tmp, root / GROUND_TRUTH_DIR / mouse.name)
+    os.replace(tmp, root / mouse.name)
+    return root / mouse.name
+
+
+class _InOrderMerge:
+    """Merge shard sums in shard order (floating-point sums depend on the order), holding early arrivals only."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, _FrameStats] | None = None
+        self.next = 0
+        self.early: dict[int, dict[str, _FrameStats]] = {}
+
+    def add(self, shard: int, part: dict[str, _FrameStats]) -> bool:
+        """Add shard ``shard``; True once all shards are in."""
+        self.early[shard] = part
+        while self.next in self.early:
+            part = self.early.pop(self.next)
+            if self.total is None:
+                self.total = part
+            else:
+                for key, acc in self.total.items():
+                    acc.merge(part[key])
+            self.next += 1
+        return self.next == SHARDS_PER_MOUSE
+
+
+class _Ticker:
+    """Queue-like ``put(n)`` that advances a progress bar in this process."""
+
+    def __init__(self, advance: Callable[[int], None]) -> None:
+        self.put = advance
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+    """A rich progress bar's ``advance(n)``, or None when not shown."""
+    if not show:
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress() as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.update(task, advance=n)
 
 
 def synthesize(
@@ -463,55 +637,130 @@ def synthesize(
 ) -> list[Path]:
     """Write ``mice`` synthetic mice into ``out_dir`` (official layout) and their ground truth beside them.
 
-    Returns the session folders. Same arguments, same bytes (whatever ``workers``, the number of processes; default:
-    one per core). Raises FileExistsError if a session exists.
+    Returns the session folders. ``workers``: processes (default: one per core, or none for tiny jobs); the bytes
+    written do not depend on it. Raises FileExistsError if a session (or its ground truth) already exists.
     """
+    root = Path(out_dir)
+    _check_options(
+        root,
+        mice=mice,
+        neurons=neurons,
+        train_trials=train_trials,
+        clips_per_tier=clips_per_tier,
+        repeats=repeats,
+        seed=seed,
+    )
+    (root / GROUND_TRUTH_DIR).mkdir(parents=True, exist_ok=True)
+    options = {"neurons": neurons, "train_trials": train_trials, "clips_per_tier": clips_per_tier}
+    setups: list[_Mouse] = []
+    try:
+        with _torch_threads(1):
+            for k in range(mice):
+                setups.append(_setup_mouse(root, k, repeats=repeats, seed=seed, hide_test=hide_test, **options))
+            total = sum(m.n_trials for m in setups)
+            if workers is None:
+                workers = 1 if total * neurons < 400_000 else (os.cpu_count() or 1)
+            workers = max(1, min(workers, mice * SHARDS_PER_MOUSE))
+            with _progress(progress, total, f"synthesising {mice} mice") as advance:
+                if workers > 1:
+                    return _run_parallel(setups, workers, advance, root)
+                return _run_serial(setups, advance, root)
+    except BaseException:
+        for m in setups:
+            shutil.rmtree(m.tmp, ignore_errors=True)
+            shutil.rmtree(m.gt_tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Use ``n`` torch intra-op threads inside the block and restore the caller's setting afterwards.
+
+    The generator's tensors are small: with 2 threads on 2 busy cores, torch's thread synchronisation made the
+    tiny test release 4× slower (15.6 s vs 3.8 s), so synthesis runs single-threaded and parallelises by process.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_options(
+    root: Path, *, mice: int, neurons: int, train_trials: int, clips_per_tier: int, repeats: int, seed: int
+) -> None:
+    """Fail early on bad sizes and on sessions (or ground truth) that already exist."""
     for name, value in (("mice", mice), ("neurons", neurons), ("train_trials", train_trials)):
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
     if clips_per_tier < 1 or repeats < 1:
         raise ValueError(f"--clips-per-tier and --repeats must be ≥ 1, got {clips_per_tier} and {repeats}")
-    root = Path(out_dir)
-    (root / GROUND_TRUTH_DIR).mkdir(parents=True, exist_ok=True)
     for k in range(mice):
-        if (root / session_name(seed, k)).exists():
-            raise FileExistsError(f"{root / session_name(seed, k)} already exists; choose another OUT_DIR or remove it")
-    kwargs: dict[str, Any] = {
-        "neurons": neurons,
-        "train_trials": train_trials,
-        "clips_per_tier": clips_per_tier,
-        "repeats": repeats,
-        "seed": seed,
-        "hide_test": hide_test,
-    }
-    workers = min(mice, workers or os.cpu_count() or 1)
-    per_mouse = len(_trial_plan(plan_clips(np.random.default_rng(0), 0, train_trials, clips_per_tier), repeats))
-    if workers == 1 and not progress:
-        return [_write_mouse(root, k, **kwargs) for k in range(mice)]
+        for p in (root / session_name(seed, k), root / GROUND_TRUTH_DIR / session_name(seed, k)):
+            if p.exists():
+                raise FileExistsError(f"{p} already exists; choose another OUT_DIR or remove it")
+
+
+def _run_serial(setups: list[_Mouse], advance: Callable[[int], None] | None, root: Path) -> list[Path]:
+    """Write every mouse in this process, shard after shard."""
+    sessions = []
+    for m in setups:
+        merge = _InOrderMerge()
+        for s in range(SHARDS_PER_MOUSE):
+            merge.add(s, _write_shard(m, s, None if advance is None else _Ticker(advance)))
+        assert merge.total is not None
+        sessions.append(_finish_mouse(m, merge.total, root))
+    return sessions
+
+
+def _run_parallel(setups: list[_Mouse], workers: int, advance: Callable[[int], None] | None, root: Path) -> list[Path]:
+    """Run all (mouse, shard) tasks in ``workers`` processes; finish each mouse as soon as its shards are in."""
     import multiprocessing as mp
 
-    from rich.progress import Progress
+    ctx = mp.get_context("spawn")  # forking after torch has started its thread pool can deadlock
+    manager = ctx.Manager() if advance is not None else None
+    queue = manager.Queue() if manager is not None else None
+    merges = [_InOrderMerge() for _ in setups]
+    done: dict[int, Path] = {}
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+            futures: dict[Future[dict[str, _FrameStats]], tuple[int, int]] = {}
+            for k, m in enumerate(setups):
+                for s in range(SHARDS_PER_MOUSE):
+                    futures[pool.submit(_write_shard, m, s, queue)] = (k, s)
+            pending = set(futures)
+            try:
+                while pending:
+                    finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    _drain(queue, advance)
+                    for fut in finished:
+                        k, s = futures.pop(fut)
+                        if merges[k].add(s, fut.result()):
+                            done[k] = _finish_mouse(setups[k], merges[k].total, root)  # type: ignore[arg-type]
+                            merges[k] = _InOrderMerge()  # free the sums
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # don't run the queued shards of a failed job
+                raise
+            _drain(queue, advance)
+    finally:
+        if manager is not None:
+            manager.shutdown()
+    return [done[k] for k in range(len(setups))]
 
-    # Mice are independent (each has its own seeds), so they are written in parallel processes; "spawn"
-    # because forking after torch has started its thread pool can deadlock.
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-        queue = manager.Queue() if progress else None
-        futures = [pool.submit(_write_mouse, root, k, progress=queue, **kwargs) for k in range(mice)]
-        if queue is not None:
-            with Progress() as bar:
-                task = bar.add_task(f"synthesising {mice} mice", total=mice * per_mouse)
-                while not all(f.done() for f in futures):
-                    while not queue.empty():
-                        bar.update(task, advance=queue.get())
-                    time.sleep(0.1)
-                bar.update(task, completed=mice * per_mouse)
-        return [f.result() for f in futures]
+
+def _drain(queue: Any, advance: Callable[[int], None] | None) -> None:
+    if queue is None or advance is None:
+        return
+    n = 0
+    while not queue.empty():
+        n += queue.get()
+    if n:
+        advance(n)
 
 
 def _init_worker() -> None:
-    import torch
-
+    # Runs in the spawned worker processes only: each owns one core, more intra-op threads would oversubscribe.
     torch.set_num_threads(1)
 
 
