@@ -114,10 +114,8 @@ class _EvalTrials(Dataset):
         for mouse in dm.mouse_ids:
             store = dm.stores[mouse]
             for tier in tiers:
-                trials = store.trials([tier])
-                if skip_hidden:
-                    trials = trials[~store.hidden[trials]]
-                self.clips[tier, mouse] = np.unique(store.clip_id[trials])
+                trials = dm.tier_trials(mouse, [tier], skip_hidden)
+                self.clips[tier, mouse] = dm.tier_clips(mouse, tier, skip_hidden)
                 # Sort by length so a batch pads little.
                 trials = trials[np.argsort(store.length[trials], kind="stable")]
                 for i in range(0, len(trials), batch_size):
@@ -214,7 +212,7 @@ class SensoriumDataModule(L.LightningDataModule):
         self.stores: dict[str, MouseStore] = {s.mouse_id: s for s in stores}
         self.mouse_ids: list[str] = list(self.stores)
         self.normalizers = {m: Normalizer(s, mode=normalization) for m, s in self.stores.items()}
-        self._train_trials = {m: self._window_trials(s) for m, s in self.stores.items()}
+        self._train_trials = {m: self._window_trials(m) for m in self.stores}
         for m, trials in self._train_trials.items():
             if len(trials) == 0:
                 raise ValueError(
@@ -255,22 +253,24 @@ class SensoriumDataModule(L.LightningDataModule):
             raise ValueError(f"mice have different frame sizes {sorted(shapes)}; select mice with one size")
         return shapes.pop()
 
+    def tier_trials(self, mouse: str, tiers: Sequence[str], skip_hidden: bool = True) -> np.ndarray:
+        """Trial numbers of ``mouse`` in ``tiers``, without the hidden (all-zero) ones if ``skip_hidden``."""
+        store = self.stores[mouse]
+        trials = store.trials(list(tiers))
+        return trials[~store.hidden[trials]] if skip_hidden else trials
+
+    def tier_clips(self, mouse: str, tier: str, skip_hidden: bool = True) -> np.ndarray:
+        """Sorted distinct clip ids of a tier: evaluation batches carry ``clip_index`` = position in this array."""
+        return np.unique(self.stores[mouse].clip_id[self.tier_trials(mouse, [tier], skip_hidden)])
+
     def clip_counts(self, tiers: Sequence[str]) -> dict[str, dict[str, int]]:
         """Number of distinct clips per tier and mouse (dense clip indices run over 0..count-1)."""
-        out: dict[str, dict[str, int]] = {}
-        for tier in tiers:
-            out[tier] = {}
-            for m, s in self.stores.items():
-                trials = s.trials([tier])
-                trials = trials[~s.hidden[trials]]
-                out[tier][m] = len(np.unique(s.clip_id[trials])) if len(trials) else 0
-        return out
+        return {tier: {m: len(self.tier_clips(m, tier)) for m in self.stores} for tier in tiers}
 
     # ----------------------------------------------------------------------------------------------- sampling
-    def _window_trials(self, store: MouseStore) -> np.ndarray:
-        trials = store.trials(self.train_tiers)
-        trials = trials[~store.hidden[trials]]
-        return trials[store.length[trials] >= self.span]
+    def _window_trials(self, mouse: str) -> np.ndarray:
+        trials = self.tier_trials(mouse, self.train_tiers)
+        return trials[self.stores[mouse].length[trials] >= self.span]
 
     def _draw_window(self, mouse: str, rng: np.random.Generator) -> tuple[int, int]:
         trials = self._train_trials[mouse]
