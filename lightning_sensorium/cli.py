@@ -40,6 +40,7 @@ def lightning_main(args: Sequence[str] | dict[str, Any] | None = None, run: bool
         def add_arguments_to_parser(self, parser: Any) -> None:
             for name in ("neurons", "dataset_sizes", "video_shape"):
                 parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+            parser.link_arguments("data.frame_step", "model.frame_step")
 
     return SensoriumCLI(
         SensoriumModule,

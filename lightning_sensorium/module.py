@@ -11,6 +11,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -64,6 +65,16 @@ class SensoriumModule(L.LightningModule):
             accumulation over ``len(neurons)`` batches.
         monitor: validation metric used by the plateau scheduler and checkpointing.
         skip_frames: leading frames excluded from the metrics (official: 50).
+        eval_window: predict whole trials by a sliding window of this many model frames (DwiseNeuro 16,
+            Dynamic-V1FM 30); overlapping predictions are averaged. None: the whole trial in one pass.
+        eval_stride: raw frames between the ends of consecutive windows (DwiseNeuro 1, Dynamic-V1FM 15); the
+            last window always ends at the trial's last frame.
+        eval_window_batch: at most this many windows go through the model at once (memory bound).
+        frame_step: the model sees every ``frame_step``-th frame — linked from ``data.frame_step``.
+        teachers: checkpoints whose predictions become extra targets (DwiseNeuro's distillation stage): for every
+            training sample, the mean teacher prediction of each *other* mouse's neurons is a target of the student's
+            readout of that mouse. Needs ``data.batch_mode: mixed``.
+        distill_ratio: share of the loss carried by the teacher targets (DwiseNeuro: 0.36).
         log_figures: draw traces, correlation histograms and readout positions to TensorBoard.
         neurons: per-mouse neuron info — linked from the datamodule, or restored from the checkpoint.
         dataset_sizes: trials per mouse (the official loss scale) — linked from the datamodule.
@@ -85,6 +96,12 @@ class SensoriumModule(L.LightningModule):
         accumulate_over_mice: bool = True,
         monitor: str = "val/single_trial_corr",
         skip_frames: int = SKIP_FRAMES,
+        eval_window: int | None = None,
+        eval_stride: int = 1,
+        eval_window_batch: int = 64,
+        frame_step: int = 1,
+        teachers: list[str] | None = None,
+        distill_ratio: float = 0.36,
         log_figures: bool = True,
         neurons: dict[str, NeuronInfo] | None = None,
         dataset_sizes: dict[str, int] | None = None,
@@ -103,6 +120,25 @@ class SensoriumModule(L.LightningModule):
         self.accumulate_over_mice = accumulate_over_mice
         self.monitor = monitor
         self.skip_frames = skip_frames
+        if eval_window is not None and eval_window < 1:
+            raise ValueError(f"model.eval_window must be ≥ 1 or null, got {eval_window}")
+        if eval_stride < 1 or eval_window_batch < 1 or frame_step < 1:
+            raise ValueError(
+                f"model.eval_stride={eval_stride}, model.eval_window_batch={eval_window_batch} and "
+                f"frame_step={frame_step} must be ≥ 1"
+            )
+        if frame_step > 1 and eval_window is None:
+            raise ValueError(
+                f"data.frame_step={frame_step}: the model sees every {frame_step}th frame, so whole trials must be "
+                "predicted by a sliding window: set model.eval_window (e.g. data.frames)"
+            )
+        self.eval_window, self.eval_stride, self.eval_window_batch = eval_window, eval_stride, eval_window_batch
+        self.frame_step = frame_step
+        if not 0.0 <= distill_ratio < 1.0:
+            raise ValueError(f"model.distill_ratio must be in [0, 1), got {distill_ratio}")
+        self.teacher_paths = list(teachers or [])
+        self.distill_ratio = distill_ratio
+        self._teachers: list[SensoriumModule] = []  # loaded in on_fit_start; a plain list: not submodules
         self.log_figures = log_figures
         self.dataset_sizes = dict(dataset_sizes or {})
         self.video_shape: tuple[int, int] = (int(video_shape[0]), int(video_shape[1]))
@@ -169,7 +205,11 @@ class SensoriumModule(L.LightningModule):
         )
 
     def predict_full(self, batch: Mapping[str, Any]) -> Tensor:
-        """Predictions for every frame of the batch ``(B, N, T)``; frames the core cannot predict are NaN."""
+        """Predictions for every frame of the batch ``(B, N, T)``; frames without a prediction are NaN.
+
+        The whole trial goes through the model in one pass, or, with ``eval_window``, window by window."""
+        if self.eval_window is not None:
+            return self._predict_sliding(batch)
         pred = self(batch)  # (B, N, T_out)
         t = batch["video"].shape[2]
         lost = t - pred.shape[-1]
@@ -177,11 +217,73 @@ class SensoriumModule(L.LightningModule):
             return pred[..., -t:]
         return torch.nn.functional.pad(pred, (lost, 0), value=float("nan"))
 
+    def _predict_sliding(self, batch: Mapping[str, Any]) -> Tensor:
+        """Sliding-window prediction (DwiseNeuro's ``src/predictors.py``, Dynamic-V1FM's test-time tiling).
+
+        A window takes ``eval_window`` frames, every ``frame_step``-th, and ends at raw frame ``e``; its outputs
+        belong to its last ``T'`` sampled frames. Window ends run every ``eval_stride`` frames from the first
+        complete window, plus one ending at the last frame; each frame's prediction is the mean over the windows
+        that predict it. https://github.com/lRomul/sensorium/blob/main/src/predictors.py
+        """
+        assert self.eval_window is not None
+        video = batch["video"]
+        b, _, t = video.shape[:3]
+        span = (self.eval_window - 1) * self.frame_step + 1  # raw frames one window covers
+        if t < span:
+            raise ValueError(
+                f"a trial of {t} frames is shorter than one prediction window of {span} frames "
+                f"(model.eval_window={self.eval_window}, data.frame_step={self.frame_step})"
+            )
+        ends = list(range(span - 1, t, self.eval_stride))
+        if ends[-1] != t - 1:
+            ends.append(t - 1)
+        offsets = torch.arange(self.eval_window, device=video.device) * self.frame_step - (span - 1)  # (L,)
+        total: Tensor | None = None
+        count = torch.zeros(t, device=video.device)
+        per_pass = max(1, self.eval_window_batch // b)
+        for i in range(0, len(ends), per_pass):
+            chunk = torch.tensor(ends[i : i + per_pass], device=video.device)
+            idx = chunk[:, None] + offsets[None, :]  # (W, L) raw frame of each window frame
+            w, length = idx.shape
+            windows: dict[str, Any] = {"mouse_id": batch["mouse_id"]}
+            # (B, C, W, L, ...) → (B·W, C, L, ...): every window of every trial is one sample.
+            clip = video[:, :, idx]  # (B, C, W, L, H, W_px)
+            windows["video"] = clip.transpose(1, 2).reshape(b * w, clip.shape[1], length, *clip.shape[4:])
+            for key in ("behavior", "pupil_center"):
+                if batch.get(key) is not None:
+                    sig = batch[key][:, :, idx]  # (B, 2, W, L)
+                    windows[key] = sig.transpose(1, 2).reshape(b * w, sig.shape[1], length)  # (B·W, 2, L)
+            pred = self(windows)  # (B·W, N, L')
+            n, l_out = pred.shape[1], pred.shape[2]
+            pred = pred.reshape(b, w, n, l_out).permute(0, 2, 1, 3).reshape(b, n, w * l_out)  # (B, N, W·L')
+            frames = idx[:, -l_out:].reshape(-1)  # (W·L',) raw frame of each output
+            if total is None:
+                total = pred.new_zeros(b, n, t)
+            total.index_add_(2, frames, pred)
+            count.index_add_(0, frames, torch.ones_like(frames, dtype=count.dtype))
+        assert total is not None
+        out = total / count.clamp(min=1).to(total.dtype)
+        return out.masked_fill(count == 0, float("nan"))  # (B, N, T)
+
     # ------------------------------------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
         if self.accumulate_over_mice and len(self.neurons) > 1:
             # LongCycler: one batch per mouse, one optimizer step per cycle.
             self.trainer.accumulate_grad_batches = len(self.neurons)
+        if self.teacher_paths and not self._teachers:
+            self._teachers = [self._load_teacher(path) for path in self.teacher_paths]
+
+    def _load_teacher(self, path: str) -> SensoriumModule:
+        """A frozen teacher in eval mode on this module's device; its mice and neurons must be this model's."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.teachers: no checkpoint {path!r}")
+        teacher = SensoriumModule.load_from_checkpoint(path, map_location=self.device)
+        try:
+            check_neurons_match(teacher.neurons, self.neurons)
+        except ValueError as err:
+            raise ValueError(f"model.teachers: {path}: {err}") from err
+        teacher.eval().requires_grad_(False)
+        return teacher
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         mouse = batch["mouse_id"]
@@ -198,19 +300,56 @@ class SensoriumModule(L.LightningModule):
         return total
 
     def _mixed_training_step(self, batch: dict[str, Any]) -> Tensor:
-        """Mice mixed inside a batch: run each mouse's sub-batch through its readout, sum the losses."""
+        """Mice mixed inside a batch (DwiseNeuro): one core pass over the whole batch, then each mouse's samples
+        through its readout; every loss term is reduced over the whole batch (``batch_size=B``), so a
+        ``sample_mean`` loss is the mean over all samples of per-sample sums, as the original's."""
+        encoder = self._require_encoder()
         mice: list[str] = batch["mouse_id"]
-        total = torch.zeros((), device=self.device)
+        behavior, pupil = batch.get("behavior"), batch.get("pupil_center")
+        features = encoder.core(batch["video"], behavior, pupil)  # (B, C', T', H', W')
+        t_out = features.shape[2]
+
+        def read(model: Encoder, feats: Tensor, idx: list[int], mouse: str) -> Tensor:
+            sub = [None if x is None else x[idx] for x in (behavior, pupil)]
+            return model.read(feats[idx], mouse, sub[0], sub[1])  # (b, N_mouse, T')
+
+        loss = torch.zeros((), device=self.device)
+        reg = encoder.core.regularizer()
         for mouse in sorted(set(mice)):
             idx = [i for i, m in enumerate(mice) if m == mouse]
-            sub = {k: batch[k][idx] for k in ("video", "behavior", "pupil_center")}
-            sub["mouse_id"] = mouse
-            pred = self(sub)  # (b, N, T_out)
-            target = torch.stack([batch["responses"][i] for i in idx])[..., -pred.shape[-1] :]
-            total = total + self.loss_fn(pred, target, None, self.dataset_sizes.get(mouse, len(idx)))
-            total = total + self._require_encoder().regularizer(mouse)
-        self.log("train/loss", total, batch_size=len(mice), prog_bar=True)
-        return total
+            target = torch.stack([batch["responses"][i] for i in idx])[..., -t_out:]  # (b, N, T')
+            size = self.dataset_sizes.get(mouse, len(idx))
+            loss = loss + self.loss_fn(read(encoder, features, idx, mouse), target, None, size, batch_size=len(mice))
+            reg = reg + encoder.readouts[mouse].regularizer()
+        if self._teachers:
+            loss = (1 - self.distill_ratio) * loss + self.distill_ratio * self._distillation_loss(batch, features, read)
+        self.log("train/loss", loss, batch_size=len(mice), prog_bar=True)
+        self.log("train/regularizer", reg, batch_size=len(mice))
+        return loss + reg
+
+    def _distillation_loss(self, batch: dict[str, Any], features: Tensor, read: Callable[..., Tensor]) -> Tensor:
+        """Mean over (sample, other mouse) pairs of the loss against the teachers' mean prediction.
+
+        DwiseNeuro's stage 2 weights these pairs so they carry ``distill_ratio`` of the loss:
+        https://github.com/lRomul/sensorium/blob/main/src/argus_models.py (``add_distill_predictions``)."""
+        encoder = self._require_encoder()
+        mice: list[str] = batch["mouse_id"]
+        behavior, pupil = batch.get("behavior"), batch.get("pupil_center")
+        with torch.no_grad():
+            teacher_features = [t.encoder.core(batch["video"], behavior, pupil) for t in self._teachers]
+        pairs = sum(sum(m != other for m in mice) for other in self.neurons)
+        loss = torch.zeros((), device=self.device)
+        for other in sorted(self.neurons):
+            idx = [i for i, m in enumerate(mice) if m != other]
+            if not idx:
+                continue
+            with torch.no_grad():
+                preds = [read(t.encoder, f, idx, other) for t, f in zip(self._teachers, teacher_features, strict=True)]
+                target = torch.stack(preds).mean(0)  # (b, N_other, T'): the teachers' mean firing rate
+            pred = read(encoder, features, idx, other)
+            size = self.dataset_sizes.get(other, len(idx))
+            loss = loss + self.loss_fn(pred, target, None, size, batch_size=pairs)
+        return loss
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def _setup_metrics(self, stage: str) -> None:

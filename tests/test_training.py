@@ -178,28 +178,3 @@ def test_checkpoint_with_other_neurons_is_refused(tiny_stores: Path, tmp_path: P
     other = sorted(p.stem for p in tiny_stores.glob("*.zarr"))[1]
     code = main(["evaluate", "--ckpt_path", ckpt, "--data.mice", other, "--accelerator", "cpu"])
     assert code == 2
-
-
-@pytest.mark.parametrize("config", sorted(p.name for p in EXPERIMENTS.glob("*.yaml") if p.name != "defaults.yaml"))
-def test_every_experiment_fits(config: str, tiny_stores: Path, tmp_path: Path) -> None:
-    args = with_defaults(
-        [
-            "fit",
-            "--config",
-            str(EXPERIMENTS / config),
-            "--data.root",
-            str(tiny_stores),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "runs"),
-            "--trainer.fast_dev_run",
-            "true",
-            "--trainer.accelerator",
-            "cpu",
-            "--data.frames",
-            "24",
-            "--data.batch_size",
-            "2",
-        ]
-    )
-    cli = lightning_main(args)
-    assert cli.trainer.state.finished

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from lightning_sensorium.data.batch import NeuronInfo
@@ -70,6 +71,13 @@ class Encoder(nn.Module):
         self, video: Tensor, mouse_id: str, behavior: Tensor | None = None, pupil_center: Tensor | None = None
     ) -> Tensor:
         features = self.core(video, behavior, pupil_center)  # (B, C', T', H', W')
+        return self.read(features, mouse_id, behavior, pupil_center)
+
+    def read(
+        self, features: Tensor, mouse_id: str, behavior: Tensor | None = None, pupil_center: Tensor | None = None
+    ) -> Tensor:
+        """Core features ``(B, C', T', H', W')`` → ``mouse_id``'s responses ``(B, N, T')`` (shifter, readout,
+        activation). Separate from :meth:`forward` so one core pass can feed several mice's readouts."""
         t_out = features.shape[2]
         shift = None
         if self.shifters is not None:
@@ -77,7 +85,10 @@ class Encoder(nn.Module):
                 raise ValueError("this Encoder has shifters: pass `pupil_center` (B, 2, T)")
             pupil = pupil_center[..., -t_out:].transpose(1, 2)  # (B, T', 2): the core's last T' frames
             shift = self.shifters[mouse_id](pupil)  # (B, T', 2)
-        return self.output_activation(self.readouts[mouse_id](features, shift))  # (B, N, T')
+        signals = None
+        if behavior is not None and pupil_center is not None:
+            signals = torch.cat([behavior, pupil_center], dim=1)[..., -t_out:].transpose(1, 2)  # (B, T', 4)
+        return self.output_activation(self.readouts[mouse_id](features, shift, signals))  # (B, N, T')
 
     def regularizer(self, mouse_id: str) -> Tensor:
         """The core's penalty plus ``mouse_id``'s readout penalty (the shifters have none, as in the original)."""

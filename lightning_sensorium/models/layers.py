@@ -4,6 +4,8 @@
 * :func:`behavior_as_channels`: behaviour (and pupil centre) broadcast to constant image channels. The cores call
   it, not the data loader: the batch always carries a 1-channel video plus the raw signals, and each core decides
   what enters as channels (the baselines: behaviour only; DwiseNeuro and ViV1T: behaviour and pupil centre).
+* :class:`Exp`: the exponential output nonlinearity of ViV1T (``output_mode=1``).
+* :class:`DropPath`: stochastic depth per sample, used by DwiseNeuro, Dynamic-V1FM and ViV1T.
 * :func:`laplace_l2norm`, :func:`depth_laplace_l21d`: the smoothness penalties of the first-layer filters.
 """
 
@@ -32,6 +34,43 @@ class ELU1(nn.Module):
 
     def extra_repr(self) -> str:
         return f"offset={self.offset}"
+
+
+class Exp(nn.Module):
+    """``exp(x)``: ViV1T's output nonlinearity (``--output_mode=1`` in its README command; models.md §6)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.exp(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch for a random subset of samples, scale the rest by ``1/keep``.
+
+    One copy for every architecture (DwiseNeuro, Dynamic-V1FM and ViV1T each carried their own). Port of timm's
+    ``DropPath``: https://github.com/huggingface/pytorch-image-models/blob/main/timm/layers/drop.py
+
+    Args:
+        drop_prob: probability of dropping the branch of a sample (0: identity).
+        scale_by_keep: divide kept samples by ``1 - drop_prob`` so the expectation is unchanged.
+    """
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)  # (B, 1, ..., 1): one draw per sample
+        mask = x.new_empty(shape).bernoulli_(keep)
+        return x * (mask / keep if self.scale_by_keep else mask)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
 
 
 def behavior_as_channels(video: Tensor, behavior: Tensor | None, pupil_center: Tensor | None = None) -> Tensor:
@@ -81,4 +120,4 @@ def depth_laplace_l21d(weight: Tensor) -> Tensor:
     return lap.pow(2).sum() / w.pow(2).sum()
 
 
-__all__ = ["ELU1", "behavior_as_channels", "depth_laplace_l21d", "laplace_l2norm"]
+__all__ = ["ELU1", "DropPath", "Exp", "behavior_as_channels", "depth_laplace_l21d", "laplace_l2norm"]

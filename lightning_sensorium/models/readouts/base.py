@@ -16,8 +16,11 @@ class Readout(nn.Module, ABC):
     The Encoder receives the class (or a partial of it, from YAML) as a factory
     ``Callable[[tuple[int, int, int], NeuronInfo], Readout]`` and calls it once per mouse.
 
-    ``forward(features (B, C, T, H, W), shift (B, T, 2) | None)`` returns ``(B, N, T)``, before the Encoder's
-    output nonlinearity. ``shift`` moves every neuron's read position by (x, y) in the normalised [-1, 1] frame.
+    ``forward(features (B, C, T, H, W), shift (B, T, 2) | None, behavior (B, T, 4) | None)`` returns
+    ``(B, N, T)``, before the Encoder's output nonlinearity. ``shift`` moves every neuron's read position by (x, y)
+    in the normalised [-1, 1] frame. ``behavior`` is ``[pupil size, running speed, pupil x, pupil y]`` of the last
+    ``T`` frames (the frames the features belong to), for readouts with a behaviour path (ViV1T's state encoder);
+    the others ignore it.
     """
 
     def __init__(self, in_shape: tuple[int, int, int], neurons: NeuronInfo) -> None:
@@ -28,7 +31,7 @@ class Readout(nn.Module, ABC):
         self.num_neurons = neurons.num_neurons
 
     @abstractmethod
-    def forward(self, features: Tensor, shift: Tensor | None = None) -> Tensor:
+    def forward(self, features: Tensor, shift: Tensor | None = None, behavior: Tensor | None = None) -> Tensor:
         """Responses ``(B, N, T)``."""
 
     def regularizer(self) -> Tensor:

@@ -95,18 +95,26 @@ class GaussianReadout(Readout):
         # grid[b, n, 0, :] = σ_n z[b, n, 0, :] + μ_n
         return (torch.einsum("ancd,bnid->bnic", self.sigma, z) + mu).clamp(-1, 1)  # (rows, N, 1, 2)
 
-    def forward(self, features: Tensor, shift: Tensor | None = None) -> Tensor:
+    def forward(self, features: Tensor, shift: Tensor | None = None, behavior: Tensor | None = None) -> Tensor:
+        return self.weigh(self.sample_features(features, shift), batch=features.shape[0])  # (B, N, T)
+
+    def sample_features(self, features: Tensor, shift: Tensor | None = None) -> Tensor:
+        """Features ``(B, C, T, H, W)`` read at every neuron's position: ``(B·T, C, N)``, rows in (b, t) order."""
         b, c, t, h, w = features.shape
-        n = self.num_neurons
         x = features.transpose(1, 2).reshape(b * t, c, h, w)  # (B·T, C, H, W)
         grid = self.sample_grid(b * t).to(x.dtype)  # (B·T, N, 1, 2)
         if shift is not None:
             grid = grid + shift.reshape(b * t, 1, 1, 2).to(x.dtype)  # after the clamp, as the original
         y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # (B·T, C, N, 1)
-        y = (y.squeeze(-1) * self.features.view(1, c, n).to(y.dtype)).sum(1)  # (B·T, N)
+        return y.squeeze(-1)  # (B·T, C, N)
+
+    def weigh(self, sampled: Tensor, batch: int) -> Tensor:
+        """Sampled features ``(B·T, C, N)`` → responses ``(B, N, T)``: per-neuron feature dot product + bias."""
+        bt, c, n = sampled.shape
+        y = (sampled * self.features.view(1, c, n).to(sampled.dtype)).sum(1)  # (B·T, N)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(b, t, n).transpose(1, 2)  # (B, N, T)
+        return y.reshape(batch, bt // batch, n).transpose(1, 2)  # (B, N, T)
 
     def regularizer(self) -> Tensor:
         """``feature_reg_weight · Σ |w|`` (the original's ``feature_l1`` with ``reduction='sum'``)."""

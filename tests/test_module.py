@@ -1,0 +1,183 @@
+"""SensoriumModule mechanics shared by every model: sliding-window prediction, mixed-mouse batches, distillation."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_sensorium.cli import lightning_main, with_defaults
+from lightning_sensorium.data.batch import NeuronInfo
+from lightning_sensorium.losses import PoissonLoss
+from lightning_sensorium.models import Core, Factorized3dCore, GaussianReadout, MLPShifter
+from lightning_sensorium.module import SensoriumModule
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+
+
+class FrameCore(Core):
+    """A per-frame core (1×1×1 convolution + ELU): output frame t depends on input frame t only."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(3, channels, 1)
+
+    def forward(self, video: Tensor, behavior: Tensor | None = None, pupil_center: Tensor | None = None) -> Tensor:
+        assert behavior is not None
+        b, _, t, h, w = video.shape
+        maps = behavior[..., None, None].expand(b, 2, t, h, w)  # (B, 2, T, H, W)
+        return nn.functional.elu(self.conv(torch.cat([video, maps], 1)))  # (B, C, T, H, W)
+
+
+def neurons(n: int, mouse: str, seed: int) -> NeuronInfo:
+    rng = np.random.default_rng(seed)
+    return NeuronInfo(mouse, np.arange(n), rng.uniform(0, 500, (n, 3)), rng.uniform(0.5, 2, n))
+
+
+def module(core: Core, **kwargs: object) -> SensoriumModule:
+    torch.manual_seed(0)
+    mice = {"a": neurons(5, "a", 0), "b": neurons(7, "b", 1)}
+    m = SensoriumModule(core, GaussianReadout, MLPShifter, neurons=mice, log_figures=False, **kwargs)  # type: ignore[arg-type]
+    return m.eval()
+
+
+def batch(b: int = 2, t: int = 40, mouse: str = "a", seed: int = 0) -> dict[str, object]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "mouse_id": mouse,
+        "video": torch.randn(b, 1, t, 36, 64, generator=g),
+        "behavior": torch.randn(b, 2, t, generator=g),
+        "pupil_center": torch.randn(b, 2, t, generator=g) * 0.1,
+    }
+
+
+@torch.no_grad()
+def test_sliding_window_equals_one_pass_for_a_causal_core() -> None:
+    whole = module(Factorized3dCore(hidden_channels=(3, 3, 3)))
+    sliding = copy.deepcopy(whole)
+    sliding.eval_window = 30  # 30 frames in, the last 12 out
+    x = batch(t=47)
+    expected, got = whole.predict_full(x), sliding.predict_full(x)
+    assert got.shape == expected.shape == (2, 5, 47)
+    assert torch.isnan(got[..., :18]).all() and torch.isnan(expected[..., :18]).all()
+    torch.testing.assert_close(got[..., 18:], expected[..., 18:], rtol=1e-4, atol=1e-5)
+    sliding.eval_window_batch = 1  # one window per pass: same result
+    torch.testing.assert_close(sliding.predict_full(x)[..., 18:], expected[..., 18:], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_sliding_window_with_a_frame_step_covers_both_parities() -> None:
+    whole = module(FrameCore())
+    stepped = module(FrameCore(), eval_window=4, frame_step=2)  # windows of frames e-6, e-4, e-2, e
+    stepped.load_state_dict(whole.state_dict())
+    x = batch(t=21)
+    torch.testing.assert_close(stepped.predict_full(x), whole.predict_full(x), rtol=1e-5, atol=1e-6)
+    stepped.eval_stride = 3  # ends 6, 9, 12, ... and 20: odd frames before 3 are never predicted
+    pred = stepped.predict_full(x)
+    assert torch.isnan(pred[..., 1]).all() and torch.isfinite(pred[..., [0, 2, 3, 20]]).all()
+
+
+def test_sliding_window_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="model.eval_window"):
+        module(FrameCore(), frame_step=2)
+    with pytest.raises(ValueError, match="eval_stride"):
+        module(FrameCore(), eval_window=4, eval_stride=0)
+    short = module(FrameCore(), eval_window=16, frame_step=2)
+    with pytest.raises(ValueError, match="shorter than one prediction window of 31 frames"):
+        short.predict_full(batch(t=20))
+
+
+def mixed_batch(seed: int = 0) -> dict[str, object]:
+    x = batch(b=3, t=6, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x["mouse_id"] = ["a", "b", "a"]
+    x["responses"] = [torch.rand(5, 6, generator=g), torch.rand(7, 6, generator=g), torch.rand(5, 6, generator=g)]
+    return x
+
+
+@torch.no_grad()
+def test_mixed_batch_loss_is_the_mean_over_samples_of_per_sample_sums() -> None:
+    m = module(FrameCore(), loss=PoissonLoss(reduction="sample_mean", scale_by_dataset=False))
+    x = mixed_batch()
+    per_sample = []
+    for i, mouse in enumerate(x["mouse_id"]):  # type: ignore[arg-type]
+        sub = {k: x[k][i : i + 1] for k in ("video", "behavior", "pupil_center")}  # type: ignore[index]
+        pred = m({**sub, "mouse_id": mouse})[0]  # (N, T)
+        y = x["responses"][i]  # type: ignore[index]
+        per_sample.append((pred - y * torch.log(pred + 1e-8)).sum())
+    torch.testing.assert_close(m._mixed_training_step(x), torch.stack(per_sample).mean())
+
+
+@torch.no_grad()
+def test_distillation_blends_real_and_teacher_targets() -> None:
+    loss = PoissonLoss(reduction="sample_mean", scale_by_dataset=False)
+    student = module(FrameCore(), loss=loss, distill_ratio=0.36)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.add_(0.05)
+    x = mixed_batch()
+    real = student._mixed_training_step(x)
+    student._teachers = [teacher]
+    blended = student._mixed_training_step(x)
+    # By hand: the (sample, other mouse) pairs are (0, b), (1, a), (2, b).
+    pairs = []
+    for i, other in [(0, "b"), (1, "a"), (2, "b")]:
+        sub = {k: x[k][i : i + 1] for k in ("video", "behavior", "pupil_center")}  # type: ignore[index]
+        pred, target = student({**sub, "mouse_id": other})[0], teacher({**sub, "mouse_id": other})[0]
+        pairs.append((pred - target * torch.log(pred + 1e-8)).sum())
+    torch.testing.assert_close(blended, 0.64 * real + 0.36 * torch.stack(pairs).mean())
+
+
+def _fit_mixed(tmp_path: Path, stores: Path, *extra: str) -> object:
+    args = with_defaults(
+        [
+            "fit",
+            "--config",
+            str(EXPERIMENTS / "factorized.yaml"),
+            "--data.root",
+            str(stores),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+            "--model.core.init_args.hidden_channels",
+            "[4, 4, 4]",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.frames",
+            "24",
+            "--data.batch_size",
+            "4",
+            "--data.batch_mode",
+            "mixed",
+            "--model.accumulate_over_mice",
+            "false",
+            *extra,
+        ]
+    )
+    return lightning_main(args)
+
+
+def test_mixed_batches_fit_and_distil_from_a_checkpoint(tiny_stores: Path, tmp_path: Path) -> None:
+    first = _fit_mixed(tmp_path / "a", tiny_stores)
+    ckpt = first.trainer.checkpoint_callback.last_model_path  # type: ignore[attr-defined]
+    student = _fit_mixed(tmp_path / "b", tiny_stores, "--model.teachers", f"[{ckpt}]")
+    assert len(student.model._teachers) == 1  # type: ignore[attr-defined]
+    assert torch.isfinite(student.trainer.callback_metrics["train/loss"])  # type: ignore[attr-defined]
+    # The teacher is not part of the student: its weights are neither saved nor optimised.
+    state = torch.load(student.trainer.checkpoint_callback.last_model_path, weights_only=False)  # type: ignore[attr-defined]
+    assert not any(k.startswith("_teachers") for k in state["state_dict"])
+    with pytest.raises(FileNotFoundError, match="model.teachers"):
+        _fit_mixed(tmp_path / "c", tiny_stores, "--model.teachers", f"[{tmp_path / 'missing.ckpt'}]")
