@@ -132,6 +132,11 @@ class SensoriumModule(L.LightningModule):
                 f"data.frame_step={frame_step}: the model sees every {frame_step}th frame, so whole trials must be "
                 "predicted by a sliding window: set model.eval_window (e.g. data.frames)"
             )
+        if frame_step > 1 and math.gcd(eval_stride, frame_step) != 1:
+            raise ValueError(
+                f"model.eval_stride={eval_stride} and data.frame_step={frame_step} share a factor: windows ending "
+                f"every {eval_stride} frames would never predict some frames; use an eval_stride coprime to it"
+            )
         self.eval_window, self.eval_stride, self.eval_window_batch = eval_window, eval_stride, eval_window_batch
         self.frame_step = frame_step
         if not 0.0 <= distill_ratio < 1.0:

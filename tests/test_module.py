@@ -86,6 +86,8 @@ def test_sliding_window_options_are_checked() -> None:
         module(FrameCore(), frame_step=2)
     with pytest.raises(ValueError, match="eval_stride"):
         module(FrameCore(), eval_window=4, eval_stride=0)
+    with pytest.raises(ValueError, match="coprime"):
+        module(FrameCore(), eval_window=4, eval_stride=8, frame_step=2)
     short = module(FrameCore(), eval_window=16, frame_step=2)
     with pytest.raises(ValueError, match="shorter than one prediction window of 31 frames"):
         short.predict_full(batch(t=20))
