@@ -62,3 +62,65 @@ class PoissonLoss(nn.Module):
         if self.scale_by_dataset:
             loss = loss * math.sqrt(dataset_size / batch)
         return loss
+
+
+class PoissonCorrelationLoss(nn.Module):
+    """ViV1T's default loss: Poisson NLL plus ``correlation_weight · Σ_n (1 − corr_n)`` (models.md §6).
+
+    Port of ``PoissonCorrelationLoss`` (``--criterion=poisson_correlation``) of
+    https://github.com/bryanlimy/ViV1T/blob/main/src/viv1t/criterions.py:
+
+    * Poisson: ``Σ (ŷ + ε) − (y + ε) · log(ŷ + ε)`` over batch, neurons and frames (ε added to both, as there);
+    * correlation: per neuron over all (batch × frame) points of the batch, with the population std
+      (``(y − mean) / (std + ε)``); the term is ``Σ_n (1 − corr_n)`` (the original writes ``2 − (corr + 1)``);
+    * the sum of both × ``sqrt(dataset_size / batch_size)`` (``ds_scale=1``).
+
+    ``mask`` ``(B, T)`` restricts both terms to the frames that count. Same call signature as
+    :class:`PoissonLoss`.
+
+    Args:
+        correlation_weight: weight of the correlation term (the original's ``alpha``, 1000).
+        scale_by_dataset: multiply by ``sqrt(dataset_size / batch_size)``.
+        eps: the ε above (the original's float32 machine epsilon).
+    """
+
+    def __init__(
+        self,
+        correlation_weight: float = 1000.0,
+        scale_by_dataset: bool = True,
+        eps: float = float(torch.finfo(torch.float32).eps),
+    ) -> None:
+        super().__init__()
+        self.correlation_weight = correlation_weight
+        self.scale_by_dataset = scale_by_dataset
+        self.eps = eps
+
+    def correlation(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Per-neuron Pearson correlation ``(N,)`` over the (batch × frame) points of ``(B, N, T)`` (masked)."""
+        w = torch.ones_like(pred[:, :1]) if mask is None else mask[:, None, :].to(pred.dtype)  # (B, 1, T)
+        count = w.sum().clamp(min=1.0)
+
+        def standardise(x: Tensor) -> Tensor:
+            mean = (x * w).sum(dim=(0, 2), keepdim=True) / count  # (1, N, 1)
+            std = (((x - mean) ** 2 * w).sum(dim=(0, 2), keepdim=True) / count).sqrt()  # (1, N, 1), population
+            return (x - mean) / (std + self.eps)  # (B, N, T)
+
+        return (standardise(target) * standardise(pred) * w).sum(dim=(0, 2)) / count  # (N,)
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        mask: Tensor | None = None,
+        dataset_size: int = 1,
+        batch_size: int | None = None,
+    ) -> Tensor:
+        """``batch_size``: samples of the whole batch when ``pred`` is one mouse's part of a mixed batch (the
+        dataset scale then uses it); default ``pred.shape[0]``."""
+        nll = (pred + self.eps) - (target + self.eps) * torch.log(pred + self.eps)  # (B, N, T)
+        if mask is not None:
+            nll = nll * mask[:, None, :].to(nll.dtype)
+        loss = nll.sum() + self.correlation_weight * (1.0 - self.correlation(pred, target, mask)).sum()
+        if self.scale_by_dataset:
+            loss = loss * math.sqrt(dataset_size / (batch_size or pred.shape[0]))
+        return loss
