@@ -1,0 +1,449 @@
+"""EMA and CutMix callbacks: exact mixing and averaging, checkpoint/resume, bf16-mixed, and a 2-process ddp_fork fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sensorium.callbacks import EMA, CutMix
+from lightning_sensorium.callbacks.cutmix import cutmix_batch, rand_box
+from lightning_sensorium.cli import lightning_main, with_defaults
+
+ROOT = Path(__file__).parents[1]
+EXPERIMENTS = ROOT / "experiments"
+H, W = 36, 64
+
+
+# ---------------------------------------------------------------------------------------------------------- CutMix
+def _batch(mice: list[str] | str, b: int, neurons: dict[str, int] | None = None, t: int = 3) -> dict[str, Any]:
+    """Sample i has video ≡ i + 1 (so pasted pixels name their source), random targets and behaviour."""
+    g = torch.Generator().manual_seed(0)
+    batch: dict[str, Any] = {
+        "video": (torch.arange(b, dtype=torch.float32) + 1).view(b, 1, 1, 1, 1).expand(b, 1, t, H, W).clone(),
+        "behavior": torch.rand(b, 2, t, generator=g),
+        "pupil_center": torch.rand(b, 2, t, generator=g),
+        "mouse_id": mice,
+    }
+    if isinstance(mice, str):
+        batch["responses"] = torch.rand(b, 5, t, generator=g)  # (B, N, T)
+    else:
+        assert neurons is not None
+        batch["responses"] = [torch.rand(neurons[m], t, generator=g) for m in mice]  # B × (N_mouse, T)
+    return batch
+
+
+def _check_mix(before: dict[str, Any], after: dict[str, Any], mix_behavior: bool = True) -> list[float]:
+    """Recover each sample's partner and box from the video; check the targets are mixed by that exact area."""
+    fractions = []
+    b = before["video"].shape[0]
+    for i in range(b):
+        v = after["video"][i]  # (1, T, H, W)
+        pasted = v != i + 1
+        # Same box in every frame and channel, a rectangle, all from one partner.
+        assert torch.equal(pasted, pasted[:1, :1].expand_as(pasted))
+        box = pasted[0, 0]
+        rows, cols = box.any(1), box.any(0)
+        assert torch.equal(box, rows[:, None] & cols[None, :])
+        frac = float(box.sum()) / (H * W)
+        assert frac == pytest.approx(float(after["cutmix_fraction"][i]), abs=1e-12)
+        j = int(after["cutmix_partner"][i])
+        if frac == 0:
+            assert j == -1
+            assert torch.equal(after["responses"][i], before["responses"][i])
+            fractions.append(0.0)
+            continue
+        assert j != i and bool((v[pasted] == j + 1).all())
+        expected = (1 - frac) * before["responses"][i] + frac * before["responses"][j]
+        torch.testing.assert_close(after["responses"][i], expected, rtol=1e-6, atol=1e-7)
+        for key in ("behavior", "pupil_center"):
+            want = (1 - frac) * before[key][i] + frac * before[key][j] if mix_behavior else before[key][i]
+            torch.testing.assert_close(after[key][i], want, rtol=1e-6, atol=1e-7)
+        fractions.append(frac)
+    return fractions
+
+
+def _clone(batch: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.clone()
+        elif isinstance(v, list):
+            out[k] = [x.clone() if isinstance(x, torch.Tensor) else x for x in v]
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("mix_behavior", [True, False])
+def test_cutmix_mixes_targets_by_pasted_area(mix_behavior: bool) -> None:
+    before = _batch("m", 8)
+    after = cutmix_batch(_clone(before), np.random.default_rng(3), alpha=1.0, prob=1.0, mix_behavior=mix_behavior)
+    assert after["video"].shape == before["video"].shape and after["responses"].shape == before["responses"].shape
+    fractions = _check_mix(before, after, mix_behavior)
+    assert sum(f > 0 for f in fractions) >= 6  # prob 1: nearly every sample mixed (a box can clip to nothing)
+
+
+def test_cutmix_prob_zero_and_one() -> None:
+    before = _batch("m", 6)
+    untouched = cutmix_batch(_clone(before), np.random.default_rng(0), prob=0.0)
+    assert torch.equal(untouched["video"], before["video"]) and torch.equal(untouched["responses"], before["responses"])
+    mixed = [cutmix_batch(_clone(before), np.random.default_rng(s), prob=0.5) for s in range(40)]
+    share = np.mean([float((m["cutmix_partner"] >= 0).float().mean()) for m in mixed])
+    assert 0.35 < share < 0.6
+
+
+def test_box_inside_non_square_frame() -> None:
+    rng = np.random.default_rng(0)
+    widths, heights = [], []
+    for lam in rng.uniform(0, 1, 2000):
+        y1, y2, x1, x2 = rand_box(H, W, float(lam), rng)
+        assert 0 <= y1 <= y2 <= H and 0 <= x1 <= x2 <= W
+        assert y2 - y1 <= int(H * np.sqrt(lam)) and x2 - x1 <= int(W * np.sqrt(lam))
+        widths.append(x2 - x1)
+        heights.append(y2 - y1)
+    # Each side is drawn on its own axis: boxes wider than the frame is tall exist (the original's swap forbids them).
+    assert max(widths) > H and max(heights) <= H
+
+    # A box centred in the frame has the intended sides.
+    class Centre:
+        def integers(self, n: int) -> int:
+            return n // 2
+
+    y1, y2, x1, x2 = rand_box(H, W, 0.25, Centre())  # type: ignore[arg-type]
+    assert (y1, y2, x1, x2) == (9, 27, 16, 48)
+
+
+def test_mixed_batch_partners_are_the_same_mouse() -> None:
+    mice = ["a", "b", "a", "b", "a", "c", "b", "a"]
+    neurons = {"a": 3, "b": 5, "c": 2}
+    before = _batch(mice, len(mice), neurons)
+    for seed in range(5):
+        after = cutmix_batch(_clone(before), np.random.default_rng(seed), prob=1.0)
+        assert [r.shape for r in after["responses"]] == [r.shape for r in before["responses"]]
+        _check_mix(before, after)
+        for i, j in enumerate(after["cutmix_partner"].tolist()):
+            if j >= 0:
+                assert mice[j] == mice[i]
+        assert int(after["cutmix_partner"][5]) == -1  # the only sample of mouse c stays itself
+
+
+def test_cutmix_is_deterministic() -> None:
+    cb = CutMix(prob=1.0, seed=7)
+    before = _batch("m", 6)
+    one = cutmix_batch(_clone(before), cb.generator(global_step=4, batch_idx=9, rank=0), prob=1.0)
+    two = cutmix_batch(_clone(before), cb.generator(global_step=4, batch_idx=9, rank=0), prob=1.0)
+    other = cutmix_batch(_clone(before), cb.generator(global_step=4, batch_idx=10, rank=0), prob=1.0)
+    rank1 = cutmix_batch(_clone(before), cb.generator(global_step=4, batch_idx=9, rank=1), prob=1.0)
+    assert torch.equal(one["video"], two["video"]) and torch.equal(one["responses"], two["responses"])
+    assert not torch.equal(one["video"], other["video"]) and not torch.equal(one["video"], rank1["video"])
+    with pytest.raises(ValueError, match="prob"):
+        CutMix(prob=1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        CutMix(alpha=0.0)
+
+
+# ------------------------------------------------------------------------------------------------------------- EMA
+class Toy(L.LightningModule):
+    """Linear → BatchNorm → Linear regression; records the weights every validation step sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+        self.seen_in_validation: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.seen_in_validation.append((self.global_step, _state(self)))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class Trajectory(Callback):
+    """Raw weights at fit start and after every optimizer step, keyed by global step."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.at_train_start: dict[str, torch.Tensor] = {}
+        self.ema_at_train_start: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.states[trainer.global_step] = _state(pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.at_train_start = _state(pl_module)
+        ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+        assert ema.average_model is not None
+        self.ema_at_train_start = _state(ema.average_model.module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.states[trainer.global_step] = _state(pl_module)
+
+
+def _hand_ema(states: dict[int, dict[str, torch.Tensor]], decay: float, start: dict[str, torch.Tensor] | None = None):
+    """EMA of the raw trajectory: e₀ = w₀ (or ``start``), eₖ = decay·eₖ₋₁ + (1 − decay)·wₖ; integers follow wₖ."""
+    steps = sorted(states)
+    e = {k: v.clone() for k, v in (start or states[steps[0]]).items()}
+    out = {steps[0]: {k: v.clone() for k, v in e.items()}}
+    for s in steps[1:]:
+        for k, w in states[s].items():
+            e[k] = decay * e[k] + (1 - decay) * w if w.is_floating_point() else w.clone()
+        out[s] = {k: v.clone() for k, v in e.items()}
+    return out
+
+
+def _assert_state_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], close: bool = True) -> None:
+    floats = [k for k in a if a[k].is_floating_point()]
+    same = all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-5) for k in floats)
+    assert same == close, {k: float((a[k].float() - b[k].float()).abs().max()) for k in floats}
+
+
+def _toy_trainer(tmp_path: Path, *callbacks: Callback, **kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "limit_train_batches": 6,
+        "val_check_interval": 3,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(tmp_path),
+    }
+    options.update(kwargs)
+    return L.Trainer(callbacks=list(callbacks), **options)
+
+
+def _toy_data() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 3, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(48, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_ema_matches_hand_computed_average(tmp_path: Path, precision: str) -> None:
+    torch.manual_seed(0)
+    model, decay = Toy(), 0.6
+    trajectory, ema = Trajectory(), EMA(decay=decay)
+    _toy_trainer(tmp_path, ema, trajectory, precision=precision).fit(model, _toy_data(), _toy_data())
+    expected = _hand_ema(trajectory.states, decay)
+    assert sorted(expected) == list(range(7))
+    # Validation ran on the average at steps 3 and 6, not on the raw weights.
+    assert [s for s, _ in model.seen_in_validation] == [3, 6]
+    for step, seen in model.seen_in_validation:
+        _assert_state_close(seen, expected[step])
+        _assert_state_close(seen, trajectory.states[step], close=False)
+    # BatchNorm running statistics are averaged too; the counter follows the raw model.
+    assert not torch.allclose(expected[6]["net.1.running_mean"], trajectory.states[6]["net.1.running_mean"])
+    assert int(ema.average_model.module.state_dict()["net.1.num_batches_tracked"]) == 6
+    # After fit the module holds the average.
+    _assert_state_close(_state(model), expected[6])
+
+
+def test_ema_schedule_pickling_and_errors() -> None:
+    ema = EMA(start_step=2, update_every_n_steps=3)
+    assert [s for s in range(10) if ema.should_update(step_idx=s)] == [2, 5, 8]
+    assert not ema.should_update(epoch_idx=0)
+    # Picklable (ddp_spawn pickles the callbacks): no closures.
+    restored = pickle.loads(pickle.dumps(EMA(decay=0.9)))
+    assert restored.decay == 0.9 and pickle.loads(pickle.dumps(CutMix(alpha=0.5))).alpha == 0.5
+    for bad in ({"decay": 1.5}, {"start_step": -1}, {"update_every_n_steps": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EMA(**bad)
+
+
+def test_ema_checkpoint_holds_both_and_resume_restores_both(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    decay = 0.7
+    first = Trajectory()
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _toy_trainer(tmp_path, EMA(decay=decay), first, ckpt_cb, enable_checkpointing=True).fit(
+        Toy(), _toy_data(), _toy_data()
+    )
+    expected = _hand_ema(first.states, decay)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    _assert_state_close(ckpt["state_dict"], expected[6])
+    _assert_state_close(ckpt["current_model_state"], first.states[6])
+    _assert_state_close(ckpt["state_dict"], ckpt["current_model_state"], close=False)
+
+    # Resume into a differently initialised module: both copies come back, and the average continues.
+    torch.manual_seed(123)
+    second, model = Trajectory(), Toy()
+    _toy_trainer(tmp_path, EMA(decay=decay), second, max_epochs=2).fit(
+        model, _toy_data(), _toy_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    _assert_state_close(second.at_train_start, first.states[6])
+    _assert_state_close(second.ema_at_train_start, expected[6])
+    continued = _hand_ema(second.states, decay, start=expected[6])
+    assert max(continued) == 12
+    _assert_state_close(_state(model), continued[12])
+
+    # validate with the checkpoint (outside fit): the averaged `state_dict` is what is evaluated.
+    model = Toy()
+    trainer = _toy_trainer(tmp_path, EMA(decay=decay))
+    trainer.validate(model, _toy_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    _assert_state_close(model.seen_in_validation[-1][1], expected[6])
+
+
+# ---------------------------------------------------------------------------------------------------- full stack
+FAST = [
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.frames",
+    "24",
+    "--data.batch_size",
+    "2",
+    "--data.eval_batch_size",
+    "6",
+    "--model.core.init_args.hidden_channels",
+    "[4, 4, 4]",
+    "--model.log_figures",
+    "false",
+]
+
+
+class BatchProbe(Callback):
+    """Records the CutMix fractions of training batches as the module receives them."""
+
+    def __init__(self) -> None:
+        self.fractions: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int):
+        self.fractions += batch["cutmix_fraction"].tolist()
+
+
+class DumpAverage(Callback):
+    """Writes this rank's averaged and raw weights to ``<folder>/rank<r>.pt`` after each training batch.
+
+    After training batches, not after validation: a DDP validation forward broadcasts rank 0's buffers into the
+    module while it holds the averaged weights, which would equalise the averaged buffers and hide a missing sync.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+        assert ema.average_model is not None
+        state = {"ema": _state(ema.average_model.module), "raw": _state(pl_module), "step": trainer.global_step}
+        torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+def _callbacks_config(tmp_path: Path) -> Path:
+    """A config file adding EMA (decay 0.5) and CutMix (prob 1) to the experiment's callbacks, as a user would."""
+    callbacks = [
+        {"class_path": "lightning_sensorium.callbacks.EMA", "init_args": {"decay": 0.5}},
+        {"class_path": "lightning_sensorium.callbacks.CutMix", "init_args": {"alpha": 1.0, "prob": 1.0}},
+    ]
+    path = tmp_path / "callbacks.yaml"
+    path.write_text(json.dumps({"trainer": {"callbacks+": callbacks}}))
+    return path
+
+
+def _args(tmp_path: Path, stores: Path, *extra: str) -> list[str]:
+    return with_defaults(
+        [
+            "fit",
+            "--config",
+            str(EXPERIMENTS / "factorized.yaml"),
+            "--config",
+            str(_callbacks_config(tmp_path)),
+            "--data.root",
+            str(stores),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+            *FAST,
+            *extra,
+        ]
+    )
+
+
+def test_factorized_bf16_fit_with_ema_and_cutmix(tiny_stores: Path, tmp_path: Path) -> None:
+    probe_config = json.dumps({"class_path": "tests.test_callbacks.BatchProbe"})
+    extra = ["--trainer.precision", "bf16-mixed", "--trainer.limit_train_batches", "4"]
+    cli = lightning_main(_args(tmp_path, tiny_stores, *extra, "--trainer.callbacks+", probe_config))
+    probe = next(c for c in cli.trainer.callbacks if isinstance(c, BatchProbe))
+    assert any(isinstance(c, EMA) for c in cli.trainer.callbacks)
+    assert len(probe.fractions) == 8 and sum(f > 0 for f in probe.fractions) >= 4  # the module saw mixed batches
+    assert torch.isfinite(cli.trainer.callback_metrics["val/single_trial_corr"])
+    ckpt = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=False)
+    assert ckpt["global_step"] == 2 and int(ckpt["averaging_state"]["n_averaged"]) == 3
+    ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert set(ema) == set(raw)
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+
+
+_DDP_SCRIPT = """
+import json, sys
+from lightning_sensorium.cli import lightning_main
+lightning_main(json.loads(sys.argv[1]))
+"""
+
+
+def test_ddp_fork_ranks_hold_identical_averages(tiny_stores: Path, tmp_path: Path) -> None:
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    args = _args(
+        tmp_path,
+        tiny_stores,
+        # ddp_fork with unused-parameter detection: each per-mouse batch leaves the other mice's readouts unused.
+        "--trainer.strategy",
+        "ddp_fork_find_unused_parameters_true",
+        "--trainer.devices",
+        "2",
+        "--trainer.limit_train_batches",
+        "4",
+        "--trainer.callbacks+",
+        json.dumps({"class_path": "tests.test_callbacks.DumpAverage", "init_args": {"folder": str(dump)}}),
+    )
+    # A fresh interpreter: forking this one (threads started, env vars set by the launcher) is not safe.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _DDP_SCRIPT, json.dumps(args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 2  # 4 batches per rank, one step per cycle of the 2 mice
+    assert ranks[0]["ema"].keys() == ranks[1]["ema"].keys()
+    for k, v in ranks[0]["ema"].items():
+        assert torch.equal(v, ranks[1]["ema"][k]), k  # parameters and BatchNorm statistics alike
+    params = [k for k, v in ranks[0]["raw"].items() if "running" not in k and v.is_floating_point()]
+    assert all(torch.equal(ranks[0]["raw"][k], ranks[1]["raw"][k]) for k in params)
+    assert any(not torch.equal(ranks[0]["raw"][k], ranks[0]["ema"][k]) for k in params)
