@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
-import sys
 import time
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from _report import report
 from torch import Tensor, nn
 
 from lightning_sensorium.data.batch import NeuronInfo
@@ -190,17 +188,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"throughput: batch {args.batch}, {args.frames} frames, {args.neurons} neurons, train mode, fwd+bwd")
     times = throughput(orig, args)
-    info: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "command": "python benchmarks/bench_dwiseneuro_forward.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
-    print(f"\nMachine: {info['machine']}. Command: `{info['command']}`.\n")
-    print("| model | s / step (median) | samples/s |")
-    print("|---|---|---|")
-    medians = {name: float(np.median(t)) for name, t in times.items()}
-    for name, median in medians.items():
-        print(f"| {name} | {median:.2f} | {args.batch / median:.2f} |")
-    print(f"\nours / original speed: {medians['original'] / medians['ours']:.2f}×")
+    report("bench_dwiseneuro_forward.py", argv, args.batch, times)
 
 
 if __name__ == "__main__":

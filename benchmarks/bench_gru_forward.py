@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import re
 import sys
 import time
 import types
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
+from _report import report
 from torch import Tensor, nn
 
 from lightning_sensorium.data.batch import NeuronInfo
@@ -289,18 +288,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"throughput: batch {args.batch}, {args.frames} frames, {args.neurons} neurons, train mode, fwd+bwd")
     times = throughput(orig, args.batch, args.frames, args.neurons, args.iters, device)
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    info: dict[str, Any] = {
-        "machine": f"{platform.machine()}{gpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "command": "python benchmarks/bench_gru_forward.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
-    print(f"\nMachine: {info['machine']}. Command: `{info['command']}`.\n")
-    print("| model | s / step (median) | samples/s |")
-    print("|---|---|---|")
-    medians = {name: float(np.median(t)) for name, t in times.items()}
-    for name, median in medians.items():
-        print(f"| {name} | {median:.2f} | {args.batch / median:.2f} |")
-    print(f"\nours / original speed: {medians['original'] / medians['ours']:.2f}×")
+    report("bench_gru_forward.py", argv, args.batch, times)
 
 
 if __name__ == "__main__":

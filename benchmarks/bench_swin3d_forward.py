@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import platform
 import re
 import sys
 import time
 import types
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
+from _report import report
 from torch import Tensor, nn
 
 from lightning_sensorium.data.batch import NeuronInfo
@@ -277,17 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         f"throughput: batch {args.batch}, {FRAMES} frames, {args.neurons} neurons, train mode, fwd+bwd, {args.device}"
     )
     times = throughput(orig, args)
-    info: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "command": "python benchmarks/bench_swin3d_forward.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
-    print(f"\nMachine: {info['machine']}, device {args.device}. Command: `{info['command']}`.\n")
-    print("| model | s / step (median) | samples/s |")
-    print("|---|---|---|")
-    medians = {name: float(np.median(t)) for name, t in times.items()}
-    for name, median in medians.items():
-        print(f"| {name} | {median:.3f} | {args.batch / median:.2f} |")
-    print(f"\nours / original speed: {medians['original'] / medians['ours']:.2f}×")
+    report("bench_swin3d_forward.py", argv, args.batch, times)
 
 
 if __name__ == "__main__":

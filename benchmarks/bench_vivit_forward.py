@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import sys
 import time
 import types
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _report import report
 from torch import Tensor, nn
 
 from lightning_sensorium.models.cores.vivit import ViViTCore
@@ -297,19 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     precision = "bf16 autocast" if args.bf16 else "fp32"
     print(f"throughput: batch {args.batch}, {args.frames} frames, {precision}, train mode, fwd+bwd")
     times = throughput(orig_cls, opts, args.batch, args.frames, args.iters, device, args.bf16)
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    info = {
-        "machine": f"{platform.machine()}{gpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "command": "python benchmarks/bench_vivit_forward.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
-    print(f"\nMachine: {info['machine']}. Command: `{info['command']}`.\n")
-    print("| model | s / step (median) | samples/s |")
-    print("|---|---|---|")
-    medians = {name: float(np.median(t)) for name, t in times.items()}
-    for name, median in medians.items():
-        print(f"| {name} | {median:.3f} | {args.batch / median:.2f} |")
-    for name in ("ours (fused tokenizer)", "ours (unfold tokenizer)"):
-        print(f"\n{name} / original speed: {medians['original'] / medians[name]:.2f}×")
+    report("bench_vivit_forward.py", argv, args.batch, times)
 
 
 if __name__ == "__main__":

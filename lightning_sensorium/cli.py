@@ -131,29 +131,246 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description=(
             "Evaluate a checkpoint on whole trials: single-trial and repeat-averaged correlation, oracle correlation "
             "and FEVE per tier and mouse, pooled over neurons (the official neuron-weighted mean); on synthetic mice "
-            "also the ground-truth oracle and the fraction of it reached. The data defaults to the checkpoint's."
+            "also the ground-truth oracle and the fraction of it reached; bonus tiers also per stimulus type. Several "
+            "checkpoints are evaluated as their ensemble (mean firing rate). The data defaults to the checkpoint's."
         ),
     )
-    p.add_argument("--ckpt_path", required=True, type=Path, help="checkpoint written by `fit`")
-    p.add_argument("--data.root", dest="root", help="folder or URL of <mouse_id>.zarr stores (default: as trained)")
-    p.add_argument("--data.mice", dest="mice", nargs="+", help="mice to evaluate (default: as trained)")
+    _add_model_data_args(p, "mice to evaluate (default: as trained)")
     p.add_argument("--tiers", nargs="+", help="tiers to evaluate (default: every labelled tier but train)")
-    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: %(default)s)")
-    p.add_argument("--output", type=Path, help="write the metrics as JSON to this file")
+    p.add_argument("--max-trials", type=int, help="at most this many trials per mouse and tier (quick CPU estimate)")
+    _add_result_args(p)
+    p.add_argument("--tensorboard", type=Path, metavar="DIR", help="write table, scalars and figures to this run dir")
     p.set_defaults(handler=_run_evaluate)
 
 
+def _add_model_data_args(p: argparse.ArgumentParser, mice_help: str) -> None:
+    """--ckpt_path (one or several: an ensemble), --data.root, --data.mice, --accelerator, --quiet."""
+    p.add_argument(
+        "--ckpt_path", required=True, nargs="+", type=Path, help="checkpoint(s) written by `fit`; several = ensemble"
+    )
+    p.add_argument("--data.root", dest="root", help="folder or URL of <mouse_id>.zarr stores (default: as trained)")
+    p.add_argument("--data.mice", dest="mice", nargs="+", help=mice_help)
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_result_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", type=Path, help="write the metrics as JSON to this file")
+    p.add_argument("--markdown", type=Path, metavar="FILE", help="write the table as Markdown to this file")
+
+
+def _report(results: dict[str, Any], ns: argparse.Namespace) -> None:
+    from lightning_sensorium.evaluate import print_table, write_json, write_markdown, write_tensorboard
+
+    print_table(results)
+    for path, write in ((ns.output, write_json), (ns.markdown, write_markdown)):
+        if path:
+            write(results, path)
+            print(f"wrote {path}")
+    if getattr(ns, "tensorboard", None):
+        write_tensorboard(results, ns.tensorboard)
+        print(f"TensorBoard: tensorboard --logdir {ns.tensorboard}")
+
+
 def _run_evaluate(ns: argparse.Namespace) -> int:
-    from lightning_sensorium.evaluate import evaluate, print_table, write_json
+    from lightning_sensorium.evaluate import evaluate
 
     results = evaluate(
-        ns.ckpt_path, data={"root": ns.root, "mice": ns.mice}, tiers=ns.tiers, accelerator=ns.accelerator
+        ns.ckpt_path,
+        data={"root": ns.root, "mice": ns.mice},
+        tiers=ns.tiers,
+        accelerator=ns.accelerator,
+        max_trials=ns.max_trials,
+        progress=not ns.quiet,
     )
-    print_table(results)
-    if ns.output:
-        write_json(results, ns.output)
-        print(f"wrote {ns.output}")
+    _report(results, ns)
     return 0
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "infer",
+        help="predict any tier (hidden ones too) or new stimuli into a zarr store",
+        description=(
+            "Predict whole trials of any tiers (hidden test tiers included) with one checkpoint or an ensemble, "
+            "streaming batch by batch into OUT (a zarr store: <mouse>/prediction (trial, frame, neuron), trial_index, "
+            "tier, length, unit_ids). With --stimulus, predict one mouse's responses to new videos instead (the "
+            "in-silico experiment): a (T, H, W) grey-level .npy in 0..255, or a folder of them with optional "
+            "NAME.behavior.npy / NAME.pupil_center.npy (T, 2) beside each; missing behaviour = the mouse's train mean. "
+            "(`lightning predict --config ...` is LightningCLI's: add ZarrPredictionWriter as a callback there.)"
+        ),
+    )
+    _add_model_data_args(p, "mice to predict (default: as trained)")
+    p.add_argument("--out", required=True, type=Path, help="output zarr store (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--tiers", nargs="+", help="tiers to predict (default: the checkpoint's data.predict_tiers)")
+    p.add_argument("--max-trials", type=int, help="at most this many trials per mouse and tier")
+    p.add_argument("--stimulus", type=Path, help="a video .npy (T, H, W) or a folder of them: predict these instead")
+    p.add_argument("--mouse", help="with --stimulus: the mouse whose neurons to predict")
+    p.add_argument("--behavior", type=Path, help="with one --stimulus video: its (T, 2) [pupil size, speed] .npy")
+    p.add_argument("--pupil-center", type=Path, help="with one --stimulus video: its (T, 2) [x, y] .npy")
+    p.set_defaults(handler=_run_infer)
+
+
+def _run_infer(ns: argparse.Namespace) -> int:
+    from lightning_sensorium.prediction import predict_stimuli, predict_tiers
+
+    common = {"data": {"root": ns.root, "mice": ns.mice}, "accelerator": ns.accelerator, "progress": not ns.quiet}
+    if ns.stimulus is not None:
+        if ns.tiers or ns.max_trials:
+            raise ValueError("--stimulus predicts user videos: --tiers and --max-trials do not apply")
+        out = predict_stimuli(
+            ns.ckpt_path,
+            ns.stimulus,
+            ns.out,
+            mouse=ns.mouse,
+            behavior=ns.behavior,
+            pupil_center=ns.pupil_center,
+            overwrite=ns.overwrite,
+            **common,
+        )
+    else:
+        if ns.mouse or ns.behavior or ns.pupil_center:
+            raise ValueError("--mouse, --behavior and --pupil-center go with --stimulus (use --data.mice for tiers)")
+        out = predict_tiers(
+            ns.ckpt_path, ns.out, tiers=ns.tiers, max_trials=ns.max_trials, overwrite=ns.overwrite, **common
+        )
+    print(out)
+    return 0
+
+
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="write the competition's parquet files and zips (validated, atomic)",
+        description=(
+            "Predict every trial of the track's test tiers and write the files the SENSORIUM 2023 site expects: "
+            "main = predictions_live_main.parquet.brotli + predictions_final_main.parquet.brotli and "
+            "submission_main.zip holding both; bonus = predictions_{live,final}_test_bonus_ood.parquet.brotli, each "
+            "zipped on its own. Columns mouse, trial_indices, prediction (neurons × frames 50..length-1), neuron_ids. "
+            "Everything is validated first; on any problem nothing is written."
+        ),
+    )
+    _add_model_data_args(p, "mice to submit (default: as trained; the site scores the 5 competition mice)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--track", choices=("main", "bonus"), default="main", help="competition track (default: main)")
+    p.add_argument(
+        "--scale-by-precision",
+        action="store_true",
+        help="multiply predictions by the per-frame response precision (for models trained on raw responses)",
+    )
+    p.set_defaults(handler=_run_submit)
+
+
+def _run_submit(ns: argparse.Namespace) -> int:
+    from lightning_sensorium.submission import submit
+
+    written = submit(
+        ns.ckpt_path,
+        ns.out,
+        data={"root": ns.root, "mice": ns.mice},
+        track=ns.track,
+        scale_by_precision=ns.scale_by_precision,
+        accelerator=ns.accelerator,
+        progress=not ns.quiet,
+    )
+    for path in written:
+        print(path)
+    return 0
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score a submission file or zip locally against stores with known responses",
+        description=(
+            "Score a submission (a .parquet.brotli file, a zip of them, or the folder `submit` wrote) with the same "
+            "metrics as `evaluate`, against stores whose test responses are known (synthetic mice, the old mice). "
+            "Malformed submissions (columns, shapes, unknown mice or trials, neuron ids) are reported clearly."
+        ),
+    )
+    p.add_argument("submission", type=Path, metavar="SUBMISSION", help="parquet file, zip, or folder of them")
+    p.add_argument("--data.root", dest="root", required=True, help="folder or URL of <mouse_id>.zarr stores")
+    p.add_argument("--data.mice", dest="mice", nargs="+", help="restrict the stores to these mice")
+    _add_result_args(p)
+    p.set_defaults(handler=_run_score)
+
+
+def _run_score(ns: argparse.Namespace) -> int:
+    from lightning_sensorium.scoring import score_submission
+
+    _report(score_submission(ns.submission, ns.root, mice=ns.mice), ns)
+    return 0
+
+
+def _add_ensemble(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ensemble",
+        help="the ensemble baseline: fit a config once per seed, evaluate the members' average",
+        description=(
+            "Fit CONFIG once per seed (sequentially, same data; --seed_everything SEED, TensorBoard version "
+            "seed<SEED>), then evaluate the ensemble of the best checkpoints (mean firing rate). The paper's ensemble "
+            "baseline is `ensemble --config experiments/factorized.yaml` (seeds 0..13). Options after `--` go to "
+            "every fit, e.g. `-- --data.root data/stores --trainer.max_epochs 50`."
+        ),
+    )
+    p.add_argument("--config", required=True, type=Path, help="experiment config, e.g. experiments/factorized.yaml")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(14)), help="seeds (default: 0 … 13)")
+    p.add_argument("--tiers", nargs="+", help="tiers to evaluate (default: every labelled tier but train)")
+    p.add_argument("--accelerator", default="auto", help="evaluation accelerator (default: %(default)s)")
+    _add_result_args(p)
+    p.add_argument("fit_args", nargs=argparse.REMAINDER, help="`--` then options for every fit")
+    p.set_defaults(handler=_run_ensemble)
+
+
+def _run_ensemble(ns: argparse.Namespace) -> int:
+    from lightning_sensorium.ensemble import train_ensemble
+    from lightning_sensorium.evaluate import evaluate
+
+    fit_args = ns.fit_args[1:] if ns.fit_args[:1] == ["--"] else ns.fit_args
+    checkpoints = train_ensemble(ns.config, ns.seeds, fit_args)
+    # The data comes from the checkpoints: every member was fitted with the same data settings.
+    results = evaluate(checkpoints, tiers=ns.tiers, accelerator=ns.accelerator)
+    results["seeds"] = list(ns.seeds)
+    _report(results, ns)
+    for path in checkpoints:
+        print(path)
+    return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="Optuna hyper-parameter sweep of an experiment (TPE + Hyperband by default)",
+        description=(
+            "Run an Optuna sweep described by a sweep file (sweeps/<model>.yaml): each trial fits the experiment with "
+            "the trial's values, pruned on the validation metric. Every worker runs the same command against one "
+            "storage; a killed sweep continues where it stopped. With --export-best, write the best trial's "
+            "complete experiment config instead."
+        ),
+    )
+    p.add_argument("sweep_file", nargs="?", type=Path, metavar="SWEEP_FILE", help="sweep file (YAML)")
+    p.add_argument("--n-trials", type=int, help="trials in the study in total (default: the file's n_trials)")
+    p.add_argument(
+        "--storage", help="Optuna database URL (default: sqlite:///<log_dir>/<study>/optuna.db; postgresql://...)"
+    )
+    p.add_argument("--study-name", help="study name (default: the file's study_name, else its file name)")
+    p.add_argument("--create-only", action="store_true", help="create the database and the study, run no trial")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra fixed override for every trial, e.g. --set data.root=/data/stores (repeatable)",
+    )
+    p.add_argument("--export-best", metavar="STUDY", help="write the best trial's experiment config to --out")
+    p.add_argument("--out", type=Path, help="output file of --export-best, e.g. experiments/viv1t_best.yaml")
+
+    def handler(ns: argparse.Namespace) -> int:
+        from lightning_sensorium.sweeps import main as sweep_main
+
+        return sweep_main(ns)
+
+    p.set_defaults(handler=handler)
 
 
 #: The project's own subcommands: name → function that adds its parser.
@@ -161,6 +378,11 @@ _OWN_SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "synth": _add_synth,
     "convert": _add_convert,
     "evaluate": _add_evaluate,
+    "infer": _add_infer,
+    "submit": _add_submit,
+    "score": _add_score,
+    "ensemble": _add_ensemble,
+    "sweep": _add_sweep,
 }
 
 
@@ -210,6 +432,8 @@ def with_defaults(argv: list[str]) -> list[str]:
 def main(args: Sequence[str] | None = None) -> Any:
     """Entry point of every console script. Lightning subcommands return the CLI object; others an exit code."""
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["predict"] and any(a == "--out" or a.startswith("--out=") for a in argv):
+        argv[0] = "infer"  # `predict --ckpt_path CKPT --out preds.zarr`: the streaming zarr writer, no config needed
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         full = with_defaults(argv)
         if args is None and full != argv:

@@ -1,8 +1,13 @@
-"""`lightning-sensorium evaluate`: the official metrics of a checkpoint on whole trials, per tier and mouse.
+"""`lightning-sensorium evaluate`: the official metrics of a checkpoint (or an ensemble) on whole trials.
 
-Single-trial correlation, repeat-averaged correlation, leave-one-out oracle correlation and FEVE, per mouse and
-pooled over neurons (the official neuron-weighted mean); on synthetic mice also the ground-truth oracle (the
-correlation of the generator's noiseless rates with the recorded responses) and the fraction of it reached.
+Single-trial correlation (the competition score), repeat-averaged correlation, leave-one-out oracle correlation and
+FEVE, per tier and mouse, pooled over neurons (the official neuron-weighted mean); bonus tiers (and any tier mixing
+stimulus families) also per stimulus type; on synthetic mice also the ground-truth oracle (the correlation of the
+generator's noiseless rates with the recorded responses) and the fraction of it reached. Several checkpoints are
+evaluated as their ensemble (mean firing rate). Outputs: a terminal table, JSON, Markdown, TensorBoard (text,
+scalars, a per-stimulus-type bar chart and per-neuron correlation-vs-oracle scatter plots).
+
+The numbers come from :class:`~lightning_sensorium.scoring.Scorer`, which ``score`` uses for submission files too.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from lightning_sensorium.data.layout import TIERS
+from lightning_sensorium.scoring import Scorer, nan_to_none
 
-#: Metrics shown in the terminal table, in order.
+#: Metrics shown in the tables, in order.
 TABLE_METRICS = (
     "single_trial_corr",
     "repeat_averaged_corr",
@@ -40,81 +46,212 @@ def load_datamodule(ckpt: dict[str, Any], overrides: dict[str, Any]) -> Any:
     return SensoriumDataModule(**hparams)
 
 
+def _scoring_writer(scorer: Scorer) -> Any:
+    """A Lightning prediction writer that feeds every predicted batch (with its targets) to ``scorer``."""
+    from lightning_sensorium.callbacks.prediction_writer import BatchSink
+
+    def sink(prediction: Any, batch: Any) -> None:
+        scorer.update(
+            batch["mouse_id"],
+            batch["tier"],
+            batch["trial"],
+            prediction["prediction"],
+            batch["responses"],
+            batch["length"],
+            batch.get("rates"),
+        )
+
+    return BatchSink(sink)
+
+
 def evaluate(
-    ckpt_path: str | Path,
+    ckpt_path: str | Path | Sequence[str | Path],
     *,
     data: dict[str, Any] | None = None,
     tiers: Sequence[str] | None = None,
     accelerator: str = "auto",
+    max_trials: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint on ``tiers`` (default: every labelled tier present) and return the results."""
-    import lightning as L
+    """Evaluate one checkpoint, or the ensemble of several, on ``tiers`` (default: every labelled tier but train).
 
-    from lightning_sensorium.module import SensoriumModule, check_neurons_match
+    ``max_trials`` caps the trials per mouse and tier (the first ones in store order) for a quick CPU estimate.
+    Hidden (all-zero) test trials are never scored.
+    """
+    from lightning_sensorium.ensemble import load_ensemble
+    from lightning_sensorium.prediction import run_prediction
 
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    overrides = dict(data or {})
-    overrides["test_tiers"] = list(tiers) if tiers else [t for t in TIERS if t != "train"]
-    dm = load_datamodule(ckpt, overrides)
-    model = SensoriumModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-    check_neurons_match(model.neurons, dm.neurons)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False)
-    trainer.test(model, datamodule=dm, verbose=False)
-    results = model.results.get("test", {})
-    return {
-        "checkpoint": str(ckpt_path),
+    paths = [ckpt_path] if isinstance(ckpt_path, str | Path) else list(ckpt_path)
+    if max_trials is not None and max_trials < 1:
+        raise ValueError(f"--max-trials {max_trials}: expected a positive number of trials per mouse and tier")
+    model, dm = load_ensemble(paths, data)
+    tiers = list(tiers) if tiers else [t for t in TIERS if t != "train"]
+    unknown = [t for t in tiers if t not in TIERS]
+    if unknown:
+        raise ValueError(f"--tiers: unknown tier(s) {unknown}; expected some of {list(TIERS)}")
+    trials: dict[str, dict[str, np.ndarray]] = {}
+    for tier in tiers:
+        per_mouse = {m: dm.selected_trials(m, tier, skip_hidden=True, max_trials=max_trials) for m in dm.mouse_ids}
+        per_mouse = {m: t for m, t in per_mouse.items() if t.size}
+        if per_mouse:
+            trials[tier] = per_mouse
+    results: dict[str, Any] = {
+        "checkpoint": str(paths[0]) if len(paths) == 1 else f"ensemble of {len(paths)} checkpoints",
+        "checkpoints": [str(p) for p in paths],
         "data_root": dm.root,
         "mice": dm.mouse_ids,
-        "tiers": {
-            tier: {"pooled": res["pooled"], "per_mouse": res["per_mouse"]}
-            for tier, res in results.items()
-            if res["pooled"]
-        },
+        "normalization": dm.normalization,
+        "max_trials": max_trials,
+        "tiers": {},
     }
+    if not trials:
+        return results
+    scorer = Scorer(dm.stores, trials, skip_frames=model.skip_frames)
+    loader = dm.trial_loader(list(trials), skip_hidden=True, max_trials=max_trials)
+    run_prediction(model, loader, [_scoring_writer(scorer)], accelerator=accelerator, progress=progress)
+    results["tiers"] = scorer.compute()
+    results["_vectors"] = scorer.vectors  # per-neuron values for figures; not written to JSON
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------ outputs
+def _atomic_write(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def write_json(results: dict[str, Any], path: str | Path) -> None:
     """Write ``results`` atomically (temporary file, then rename); NaN becomes null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    public = {k: v for k, v in results.items() if not k.startswith("_")}
+    _atomic_write(path, json.dumps(nan_to_none(public), indent=2))
 
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(clean(results), f, indent=2)
-    os.replace(tmp, path)
+def _rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(tier label, mouse label, values) rows: per tier pooled, per mouse, then per stimulus type pooled."""
+    rows = []
+    for tier, res in results["tiers"].items():
+        rows.append((tier, "pooled", res["pooled"]))
+        rows += [("", mouse, vals) for mouse, vals in res["per_mouse"].items()]
+        for stim, sub in res.get("per_stimulus_type", {}).items():
+            rows.append((f"{tier} · {stim}", "pooled", sub["pooled"]))
+    return rows
+
+
+def _subject(results: dict[str, Any]) -> str:
+    """What was evaluated: the checkpoint(s), or the submission file ``score`` read."""
+    return str(results.get("checkpoint") or results.get("submission") or "")
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The table as GitHub Markdown."""
+    head = ["tier", "mouse", *(n.replace("_", " ") for n in TABLE_METRICS)]
+    lines = [
+        f"Evaluation of `{_subject(results)}` on `{results['data_root']}`",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---", "---", *["---:"] * len(TABLE_METRICS)]) + "|",
+    ]
+    for tier, mouse, vals in _rows(results):
+        cells = [tier, f"**{mouse}**" if mouse == "pooled" else mouse, *(_fmt(vals.get(n)) for n in TABLE_METRICS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(results.get("checkpoints", [])) > 1:
+        lines += ["", "Ensemble members: " + ", ".join(f"`{c}`" for c in results["checkpoints"])]
+    if results.get("max_trials"):
+        lines += ["", f"Estimate on at most {results['max_trials']} trials per mouse and tier."]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(results: dict[str, Any], path: str | Path) -> None:
+    """Write the Markdown table atomically."""
+    _atomic_write(path, markdown_table(results))
 
 
 def print_table(results: dict[str, Any]) -> None:
-    """A rich table: one row per tier (pooled) and per mouse."""
+    """A rich table: one row per tier (pooled), per mouse, and per stimulus type."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"evaluate {results['checkpoint']}")
+    table = Table(title=_subject(results))
     table.add_column("tier")
     table.add_column("mouse")
     for name in TABLE_METRICS:
         table.add_column(name.replace("_", " "), justify="right")
-
-    def fmt(v: Any) -> str:
-        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-
-    for tier, res in results["tiers"].items():
-        table.add_row(tier, "[b]pooled[/b]", *(fmt(res["pooled"].get(n)) for n in TABLE_METRICS))
-        for mouse, vals in res["per_mouse"].items():
-            table.add_row("", mouse, *(fmt(vals.get(n)) for n in TABLE_METRICS))
+    for tier, mouse, vals in _rows(results):
+        table.add_row(
+            tier, "[b]pooled[/b]" if mouse == "pooled" else mouse, *(_fmt(vals.get(n)) for n in TABLE_METRICS)
+        )
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # logs and pipes: do not squeeze mouse ids into 80 columns
     console.print(table)
+
+
+def stimulus_type_figure(results: dict[str, Any]) -> Any:
+    """Bar chart: pooled single-trial and oracle correlation per tier and per stimulus type."""
+    from lightning_sensorium.figures import plt
+
+    labels, single, oracle = [], [], []
+    for tier, res in results["tiers"].items():
+        entries = [(tier, res["pooled"])]
+        entries += [(f"{tier}\n{stim}", sub["pooled"]) for stim, sub in res.get("per_stimulus_type", {}).items()]
+        for label, pooled in entries:
+            labels.append(label)
+            single.append(pooled.get("single_trial_corr", math.nan))
+            oracle.append(pooled.get("oracle_corr", math.nan))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels)), 3.4))
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, single, width=0.4, label="single-trial corr", color="tab:blue")
+    ax.bar(x + 0.2, oracle, width=0.4, label="oracle corr (ceiling)", color="0.7")
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("correlation (pooled over neurons)")
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def oracle_scatter(vectors: dict[str, dict[str, np.ndarray]], tier: str) -> Any:
+    """Per-neuron single-trial correlation vs leave-one-out oracle correlation, one colour per mouse."""
+    from lightning_sensorium.figures import plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for mouse, v in vectors.items():
+        ax.scatter(v["oracle_corr"], v["single_trial_corr"], s=3, alpha=0.5, label=mouse[:24])
+    lo = min(0.0, *(float(np.min(v["single_trial_corr"])) for v in vectors.values()))
+    ax.plot([lo, 1], [lo, 1], color="0.5", lw=0.8, ls="--")
+    ax.set_xlabel("oracle correlation")
+    ax.set_ylabel("single-trial correlation")
+    ax.set_title(tier, fontsize=8)
+    ax.legend(fontsize=6, frameon=False, markerscale=3)
+    fig.tight_layout()
+    return fig
+
+
+def write_tensorboard(results: dict[str, Any], log_dir: str | Path) -> None:
+    """Text (the Markdown table), pooled scalars, and figures into a TensorBoard run at ``log_dir``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir))
+    try:
+        writer.add_text("evaluate/table", markdown_table(results))
+        for tier, res in results["tiers"].items():
+            for name, value in res["pooled"].items():
+                if isinstance(value, float) and math.isfinite(value):
+                    writer.add_scalar(f"evaluate/{tier}/{name}", value)
+            for stim, sub in res.get("per_stimulus_type", {}).items():
+                value = sub["pooled"].get("single_trial_corr")
+                if isinstance(value, float) and math.isfinite(value):
+                    writer.add_scalar(f"evaluate/{tier}/{stim}/single_trial_corr", value)
+        writer.add_figure("evaluate/stimulus_types", stimulus_type_figure(results))
+        for tier, vectors in results.get("_vectors", {}).items():
+            if vectors and all("oracle_corr" in v for v in vectors.values()):
+                writer.add_figure(f"evaluate/{tier}/correlation_vs_oracle", oracle_scatter(vectors, tier))
+    finally:
+        writer.close()

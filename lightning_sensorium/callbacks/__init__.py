@@ -3,5 +3,6 @@
 from lightning_sensorium.callbacks.cutmix import CutMix
 from lightning_sensorium.callbacks.ema import EMA
 from lightning_sensorium.callbacks.plateau import PlateauRestore
+from lightning_sensorium.callbacks.prediction_writer import ZarrPredictionWriter
 
-__all__ = ["EMA", "CutMix", "PlateauRestore"]
+__all__ = ["EMA", "CutMix", "PlateauRestore", "ZarrPredictionWriter"]

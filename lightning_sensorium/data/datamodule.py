@@ -106,7 +106,14 @@ class _WindowReader(Dataset):
 class _EvalTrials(Dataset):
     """Whole trials of the evaluation tiers, pre-grouped into batches of one mouse and one tier."""
 
-    def __init__(self, dm: SensoriumDataModule, tiers: Sequence[str], batch_size: int, skip_hidden: bool) -> None:
+    def __init__(
+        self,
+        dm: SensoriumDataModule,
+        tiers: Sequence[str],
+        batch_size: int,
+        skip_hidden: bool,
+        max_trials: int | None = None,
+    ) -> None:
         self.dm = dm
         self.groups: list[tuple[str, str, list[int]]] = []
         # Dense clip index per (tier, mouse): the repeat metrics keep one slot per clip.
@@ -114,7 +121,7 @@ class _EvalTrials(Dataset):
         for mouse in dm.mouse_ids:
             store = dm.stores[mouse]
             for tier in tiers:
-                trials = dm.tier_trials(mouse, [tier], skip_hidden)
+                trials = dm.selected_trials(mouse, tier, skip_hidden, max_trials)
                 self.clips[tier, mouse] = dm.tier_clips(mouse, tier, skip_hidden)
                 # Sort by length so a batch pads little.
                 trials = trials[np.argsort(store.length[trials], kind="stable")]
@@ -263,6 +270,13 @@ class SensoriumDataModule(L.LightningDataModule):
         """Sorted distinct clip ids of a tier: evaluation batches carry ``clip_index`` = position in this array."""
         return np.unique(self.stores[mouse].clip_id[self.tier_trials(mouse, [tier], skip_hidden)])
 
+    def selected_trials(
+        self, mouse: str, tier: str, skip_hidden: bool = True, max_trials: int | None = None
+    ) -> np.ndarray:
+        """The trials of one tier that whole-trial loaders read: all, or the first ``max_trials`` in store order."""
+        trials = self.tier_trials(mouse, [tier], skip_hidden)
+        return trials if max_trials is None else trials[:max_trials]
+
     def clip_counts(self, tiers: Sequence[str]) -> dict[str, dict[str, int]]:
         """Number of distinct clips per tier and mouse (dense clip indices run over 0..count-1)."""
         return {tier: {m: len(self.tier_clips(m, tier)) for m in self.stores} for tier in tiers}
@@ -345,10 +359,20 @@ class SensoriumDataModule(L.LightningDataModule):
         sampler = _WindowPlans(self, n, rank=rank, world_size=world)
         return DataLoader(_WindowReader(self, n), batch_size=None, sampler=sampler, num_workers=self.num_workers)
 
-    def _eval_loader(self, tiers: Sequence[str], skip_hidden: bool = True) -> DataLoader:
+    def trial_loader(self, tiers: Sequence[str], skip_hidden: bool = True, max_trials: int | None = None) -> DataLoader:
+        """Whole-trial batches of any ``tiers`` (hidden trials too unless ``skip_hidden``), at most ``max_trials``
+        per mouse and tier: what ``evaluate``, ``predict`` and ``submit`` read."""
+        unknown = [t for t in tiers if t not in TIERS]
+        if unknown:
+            raise ValueError(f"tiers: unknown tier(s) {unknown}; expected some of {list(TIERS)}")
+        if max_trials is not None and max_trials < 1:
+            raise ValueError(f"max_trials={max_trials}: expected a positive number of trials per mouse and tier")
+        return self._eval_loader(tiers, skip_hidden, max_trials)
+
+    def _eval_loader(self, tiers: Sequence[str], skip_hidden: bool = True, max_trials: int | None = None) -> DataLoader:
         from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
-        ds = _EvalTrials(self, tiers, self.eval_batch_size, skip_hidden)
+        ds = _EvalTrials(self, tiers, self.eval_batch_size, skip_hidden, max_trials)
         sampler = None
         if self.trainer is not None and self.trainer.world_size > 1:
             # Lightning's default DistributedSampler pads by repeating trials; this one scores each trial once.
