@@ -73,6 +73,8 @@ def test_lightning_predict_with_writer_callback(fits: dict[str, Any], tiny_store
     args += [
         "--trainer.logger",
         "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
         "--trainer.callbacks+=lightning_sensorium.callbacks.prediction_writer.ZarrPredictionWriter",
     ]
     args += [f"--trainer.callbacks.out={out}", "--data.predict_tiers", "[live_test_main]"]
