@@ -260,8 +260,10 @@ class ConvGRU(nn.Module):
         rec_weight, rec_bias = _stacked(self.update_gate_hidden, self.reset_gate_hidden)  # (2·hidden, hidden, k, k)
         state = x.new_zeros(b, k, h, w)  # h₀ = 0 (B, hidden, H, W)
         states = []
-        for i in range(t):
-            xu, xr, xo = x_gates[:, i].split(k, dim=1)  # 3 × (B, hidden, H, W)
+        # unbind, not x_gates[:, i]: its backward stacks the T gradients once instead of allocating a full-size
+        # zero gradient of x_gates for every frame.
+        for frame_gates in x_gates.unbind(1):
+            xu, xr, xo = frame_gates.split(k, dim=1)  # 3 × (B, hidden, H, W)
             hu, hr = F.conv2d(state, rec_weight, rec_bias, padding=self.update_gate_hidden.padding).split(k, dim=1)
             update = torch.sigmoid(xu + hu)
             reset = torch.sigmoid(xr + hr)
