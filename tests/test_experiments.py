@@ -65,6 +65,11 @@ SMOKE: dict[str, dict[str, str]] = {
 }
 
 
+def smoke_args(config: str) -> list[str]:
+    """``SMOKE[config]`` as command-line arguments."""
+    return [arg for option, value in SMOKE.get(config, {}).items() for arg in (f"--{option}", value)]
+
+
 def test_every_config_has_a_smoke_entry() -> None:
     assert set(CONFIGS) <= set(SMOKE), f"add a SMOKE entry for {sorted(set(CONFIGS) - set(SMOKE))}"
 
@@ -93,7 +98,7 @@ def test_every_experiment_fits(config: str, precision: str, tiny_stores: Path, t
             "2",
             "--data.eval_batch_size",
             "2",
-            *[arg for option, value in SMOKE.get(config, {}).items() for arg in (f"--{option}", value)],
+            *smoke_args(config),
         ]
     )
     cli = lightning_main(args)

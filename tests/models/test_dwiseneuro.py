@@ -24,7 +24,7 @@ from lightning_sensorium.models.cores.dwiseneuro import (
 )
 from lightning_sensorium.models.encoder import Encoder
 from lightning_sensorium.models.readouts.dwiseneuro import DwiseNeuroReadout
-from tests.test_experiments import EXPERIMENTS, SMOKE
+from tests.test_experiments import EXPERIMENTS, smoke_args
 
 #: Neuron counts of the 10 mice the original trains on (5 new, then 5 old; models.md).
 MICE_NEURONS = (7863, 7908, 8202, 7939, 8122, 7440, 7928, 8285, 7671, 7495)
@@ -266,7 +266,7 @@ def _fit(config: str, tiny_stores: Path, tmp_path: Path, *extra: str) -> object:
             "4",
             "--data.eval_batch_size",
             "2",
-            *SMOKE[config],
+            *smoke_args(config),
             *extra,
         ]
     )
