@@ -20,29 +20,11 @@ from lightning_sensorium.cli import main
 from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.data.datamodule import SensoriumDataModule
 from lightning_sensorium.ensemble import EnsembleModule
+from tests.test_training import FAST
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
-#: A factorized model shrunk to seconds on CPU (as tests/test_training.py `FAST`).
-TINY_FIT = [
-    "--model.core.init_args.hidden_channels",
-    "[4, 4, 4]",
-    "--trainer.max_epochs",
-    "1",
-    "--trainer.limit_train_batches",
-    "2",
-    "--trainer.num_sanity_val_steps",
-    "0",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--data.frames",
-    "24",
-    "--data.batch_size",
-    "2",
-    "--data.eval_batch_size",
-    "6",
-]
+#: A factorized model shrunk to seconds on CPU.
+TINY_FIT = ["--model.core.init_args.hidden_channels", "[4, 4, 4]", *FAST]
 
 
 def fitted(tmp_path_factory: pytest.TempPathFactory, stores: Path) -> dict[str, Any]:

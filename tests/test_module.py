@@ -15,6 +15,7 @@ from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.losses import PoissonLoss
 from lightning_sensorium.models import Core, Factorized3dCore, GaussianReadout, MLPShifter
 from lightning_sensorium.module import SensoriumModule
+from tests.test_training import FAST
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 
@@ -146,20 +147,9 @@ def _fit_mixed(tmp_path: Path, stores: Path, *extra: str) -> object:
             str(tmp_path / "runs"),
             "--model.core.init_args.hidden_channels",
             "[4, 4, 4]",
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.limit_train_batches",
-            "2",
+            *FAST,
             "--trainer.limit_val_batches",
             "1",
-            "--trainer.num_sanity_val_steps",
-            "0",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--data.frames",
-            "24",
             "--data.batch_size",
             "4",
             "--data.batch_mode",
