@@ -33,14 +33,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from _baseline_head import KEY, add_original_head, original_read
 from _report import report
 from torch import Tensor, nn
 
 from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.models import Encoder, GaussianReadout, MLPShifter
 from lightning_sensorium.models.cores.cnn_gru import CnnGruCore
-
-KEY = "mouse"
 
 
 def import_original(path: str) -> types.SimpleNamespace:
@@ -95,27 +94,8 @@ def build_original(orig: types.SimpleNamespace, neurons: NeuronInfo) -> nn.Modul
             final_batchnorm_scale=True,
             gamma_hidden=500_000,
         )
-        model.readout = orig.readout(
-            in_shape_dict={KEY: (64, 28, 56)},
-            n_neurons_dict={KEY: neurons.num_neurons},
-            mean_activity_dict={KEY: torch.as_tensor(neurons.mean_responses, dtype=torch.float32)},
-            bias=True,
-            init_mu_range=0.2,
-            init_sigma=1.0,
-            gamma_readout=0.0,
-            gauss_type="full",
-            grid_mean_predictor={"hidden_layers": 1, "hidden_features": 30, "final_tanh": True},
-            grid_mean_predictor_type="cortex",
-            source_grids={KEY: np.asarray(neurons.coordinates)[:, :2]},
-            share_features=False,
-            share_grid=False,
-            shared_match_ids=None,
-            gamma_grid_dispersion=0.0,
-        )
+        add_original_head(model, orig, neurons, (64, 28, 56))
         model.gru = orig.gru(input_channels=64, rec_channels=64, input_kern=9, rec_kern=9, gamma_rec=0)
-        model.shifter = orig.shifter(
-            data_keys=[KEY], shift_layers=3, input_channels_shifter=2, hidden_channels_shifter=5
-        )
     return model
 
 
@@ -133,13 +113,7 @@ def original_forward(model: nn.Module, video: Tensor, behavior: Tensor, pupil_ce
     x = torch.transpose(x, 1, 2)  # (B, 64, T, H', W')
     x = model.gru(x)  # (B, 64, T, H', W')
     x = torch.transpose(x, 1, 2)  # (B, T, 64, H', W')
-    time_points = x.shape[1]
-    pupil = torch.transpose(pupil_center[:, :, -time_points:], 1, 2)  # (B, T, 2)
-    shift = model.shifter[KEY](pupil.reshape(-1, 2), None)  # (B·T, 2)
-    x = x.reshape((-1,) + x.size()[2:])  # (B·T, 64, H', W')
-    x = model.readout(x, data_key=KEY, shift=shift)  # (B·T, N)
-    x = nn.functional.elu(x) + 1
-    return x.reshape(b, time_points, -1).transpose(1, 2)  # (B, N, T), ours' layout
+    return original_read(model, x, pupil_center)  # (B, N, T')
 
 
 def original_regularizer(model: nn.Module) -> Tensor:
