@@ -1,14 +1,17 @@
-"""The one throughput report every ``bench_<model>_forward.py`` prints: machine, command, a Markdown table of
-median seconds per step and samples/s, and each of our variants' speed relative to the original."""
+"""What every ``bench_<model>_forward.py`` shares: the alternating step timer (:func:`time_steps`) and the
+throughput report (machine, command, a Markdown table of median seconds per step and samples/s, and each of our
+variants' speed relative to the original)."""
 
 from __future__ import annotations
 
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 
 def report(script: str, argv: Sequence[str] | None, batch: int, times: Mapping[str, Sequence[float]]) -> None:
@@ -25,3 +28,30 @@ def report(script: str, argv: Sequence[str] | None, batch: int, times: Mapping[s
     for name, median in medians.items():
         if name != "original":
             print(f"\n{name} / original speed: {medians['original'] / median:.2f}×")
+
+
+def time_steps(
+    runs: Mapping[str, tuple[Callable[[], Tensor], Sequence[nn.Parameter]]], iters: int
+) -> dict[str, list[float]]:
+    """Seconds per training step of each run, the runs alternating step by step (fair under a shared machine's
+    drifting load): ``runs`` maps a name to ``(loss, parameters)``; a step clears the gradients and times
+    ``loss().backward()`` (synchronising a GPU on both ends). The first round warms up and is not kept."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(iters + 1):
+        for name, (loss, params) in runs.items():
+            for p in params:
+                p.grad = None
+            _synchronize()
+            start = time.perf_counter()
+            loss().backward()
+            _synchronize()
+            seconds = time.perf_counter() - start
+            if i > 0:
+                times[name].append(seconds)
+            print(f"  {'warm-up' if i == 0 else f'iter {i}'} {name}: {seconds:.3f} s", flush=True)
+    return times
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from _report import report
+from _report import report, time_steps
 from torch import Tensor, nn
 
 from lightning_sensorium.data.batch import NeuronInfo
@@ -129,14 +128,6 @@ def parity(orig: types.SimpleNamespace, cfg: argparse.Namespace) -> dict[str, fl
     return result
 
 
-def step(forward: Callable[[], Tensor], params: list[nn.Parameter]) -> float:
-    for p in params:
-        p.grad = None
-    start = time.perf_counter()
-    forward().sum().backward()
-    return time.perf_counter() - start
-
-
 def throughput(orig: types.SimpleNamespace, cfg: argparse.Namespace) -> dict[str, list[float]]:
     ours, original = build_pair(orig, cfg, cfg.neurons)
     ours.train()
@@ -145,17 +136,10 @@ def throughput(orig: types.SimpleNamespace, cfg: argparse.Namespace) -> dict[str
     # The original's loader builds its input on the CPU workers: outside the timed step, as there.
     x = original_inputs(orig, video, behavior, pupil)
     runs: dict[str, tuple[Callable[[], Tensor], list[nn.Parameter]]] = {
-        "ours": (lambda: ours(video, KEY, behavior, pupil), list(ours.parameters())),
-        "original": (lambda: original(x, 0), list(original.parameters())),
+        "ours": (lambda: ours(video, KEY, behavior, pupil).sum(), list(ours.parameters())),
+        "original": (lambda: original(x, 0).sum(), list(original.parameters())),
     }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(cfg.iters + 1):  # the first round warms up
-        for name, run in runs.items():
-            seconds = step(*run)
-            if i > 0:
-                times[name].append(seconds)
-            print(f"  {'warm-up' if i == 0 else f'iter {i}'} {name}: {seconds:.2f} s", flush=True)
-    return times
+    return time_steps(runs, cfg.iters)
 
 
 def ints(text: str) -> tuple[int, ...]:

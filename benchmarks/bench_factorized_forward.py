@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 import types
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from _baseline_head import KEY, add_original_head, original_read
-from _report import report
+from _report import report, time_steps
 from torch import Tensor, nn
 
 from lightning_sensorium.data.batch import NeuronInfo
@@ -158,36 +157,19 @@ def parity(orig: types.SimpleNamespace) -> dict[str, float]:
     return result
 
 
-def step(forward: Callable[[], Tensor], regularizer: Callable[[], Tensor], params: list[nn.Parameter]) -> float:
-    for p in params:
-        p.grad = None
-    start = time.perf_counter()
-    loss = forward().sum() + regularizer()
-    loss.backward()
-    return time.perf_counter() - start
-
-
 def throughput(orig: types.SimpleNamespace, batch: int, frames: int, n: int, iters: int) -> dict[str, list[float]]:
     neurons, (video, behavior, pupil), _ = make_case(batch, frames, n)
     ours, original = build_pair(orig, neurons)
     ours.train()
     original.train()
-    runs: dict[str, tuple[Callable[[], Tensor], Callable[[], Tensor], list[nn.Parameter]]] = {
-        "ours": (lambda: ours(video, KEY, behavior, pupil), lambda: ours.regularizer(KEY), list(ours.parameters())),
+    runs: dict[str, tuple[Callable[[], Tensor], list[nn.Parameter]]] = {
+        "ours": (lambda: ours(video, KEY, behavior, pupil).sum() + ours.regularizer(KEY), list(ours.parameters())),
         "original": (
-            lambda: original_forward(original, video, behavior, pupil),
-            lambda: original_regularizer(original),
+            lambda: original_forward(original, video, behavior, pupil).sum() + original_regularizer(original),
             list(original.parameters()),
         ),
     }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(iters + 1):  # the first round warms up
-        for name, run in runs.items():
-            seconds = step(*run)
-            if i > 0:
-                times[name].append(seconds)
-            print(f"  {'warm-up' if i == 0 else f'iter {i}'} {name}: {seconds:.2f} s", flush=True)
-    return times
+    return time_steps(runs, iters)
 
 
 def main(argv: list[str] | None = None) -> None:

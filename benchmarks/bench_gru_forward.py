@@ -26,7 +26,6 @@ import argparse
 import math
 import re
 import sys
-import time
 import types
 import warnings
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from _baseline_head import KEY, add_original_head, original_read
-from _report import report
+from _report import report, time_steps
 from torch import Tensor, nn
 
 from lightning_sensorium.data.batch import NeuronInfo
@@ -191,24 +190,6 @@ def parity(orig: types.SimpleNamespace, batch: int, frames: int, device: torch.d
     return result
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step(
-    forward: Callable[[], Tensor], regularizer: Callable[[], Tensor], params: list[nn.Parameter], device: torch.device
-) -> float:
-    for p in params:
-        p.grad = None
-    synchronize(device)
-    start = time.perf_counter()
-    loss = forward().sum() + regularizer()
-    loss.backward()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
 def throughput(
     orig: types.SimpleNamespace, batch: int, frames: int, n: int, iters: int, device: torch.device
 ) -> dict[str, list[float]]:
@@ -217,21 +198,14 @@ def throughput(
     ours, original = build_pair(orig, neurons, device)
     ours.train()
     original.train()
-    runs: dict[str, tuple[Callable[[], Tensor], Callable[[], Tensor], list[nn.Parameter]]] = {
-        "ours": (lambda: ours(video, KEY, behavior, pupil), lambda: ours.regularizer(KEY), list(ours.parameters())),
+    runs: dict[str, tuple[Callable[[], Tensor], list[nn.Parameter]]] = {
+        "ours": (lambda: ours(video, KEY, behavior, pupil).sum() + ours.regularizer(KEY), list(ours.parameters())),
         "original": (
-            lambda: original_forward(original, video, behavior, pupil),
-            lambda: original_regularizer(original),
+            lambda: original_forward(original, video, behavior, pupil).sum() + original_regularizer(original),
             list(original.parameters()),
         ),
     }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(iters + 1):  # the first round warms up
-        for name, run in runs.items():
-            seconds = step(*run, device)
-            if i > 0:
-                times[name].append(seconds)
-            print(f"  {'warm-up' if i == 0 else f'iter {i}'} {name}: {seconds:.2f} s", flush=True)
+    times = time_steps(runs, iters)
     if device.type == "cuda":
         print(f"  peak GPU memory (both models): {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     return times

@@ -26,13 +26,12 @@ import argparse
 import importlib
 import re
 import sys
-import time
 import types
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from _report import report
+from _report import report, time_steps
 from torch import Tensor, nn
 
 from lightning_sensorium.data.batch import NeuronInfo
@@ -214,16 +213,6 @@ def parity(orig: types.SimpleNamespace, args: argparse.Namespace) -> dict[str, f
     return result
 
 
-def step(forward: Callable[[], Tensor], params: list[nn.Parameter]) -> float:
-    for p in params:
-        p.grad = None
-    start = time.perf_counter()
-    forward().sum().backward()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def throughput(orig: types.SimpleNamespace, args: argparse.Namespace) -> dict[str, list[float]]:
     neurons, inputs = make_case(args.batch, args.neurons)
     ours, original = build_pair(orig, neurons, args)
@@ -233,17 +222,13 @@ def throughput(orig: types.SimpleNamespace, args: argparse.Namespace) -> dict[st
     video, behavior, pupil = (x.to(device) for x in inputs)
     mode = mode_string(args.levels)
     runs: dict[str, tuple[Callable[[], Tensor], list[nn.Parameter]]] = {
-        "ours": (lambda: ours_forward(ours, video, behavior, pupil), list(ours.parameters())),
-        "original": (lambda: original_forward(original, video, behavior, pupil, mode), list(original.parameters())),
+        "ours": (lambda: ours_forward(ours, video, behavior, pupil).sum(), list(ours.parameters())),
+        "original": (
+            lambda: original_forward(original, video, behavior, pupil, mode).sum(),
+            list(original.parameters()),
+        ),
     }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(args.iters + 1):  # the first round warms up
-        for name, run in runs.items():
-            seconds = step(*run)
-            if i > 0:
-                times[name].append(seconds)
-            print(f"  {'warm-up' if i == 0 else f'iter {i}'} {name}: {seconds:.3f} s", flush=True)
-    return times
+    return time_steps(runs, args.iters)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _report import report
+from _report import report, time_steps
 from torch import Tensor, nn
 
 from lightning_sensorium.models.cores.vivit import ViViTCore
@@ -215,18 +214,6 @@ def parity(orig_cls: type[nn.Module], opts: dict[str, Any], device: torch.device
     return result
 
 
-def step(forward: Callable[[], Tensor], params: list[nn.Parameter], device: torch.device) -> float:
-    for p in params:
-        p.grad = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    forward().float().square().sum().backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def throughput(
     orig_cls: type[nn.Module],
     opts: dict[str, Any],
@@ -245,7 +232,7 @@ def throughput(
     def ours(model: ViViTCore) -> Callable[[], Tensor]:
         def run() -> Tensor:
             with autocast(device, bf16):
-                return model(video, behavior, pupil)
+                return model(video, behavior, pupil).float().square().sum()
 
         return run
 
@@ -254,18 +241,11 @@ def throughput(
         "ours (unfold tokenizer)": (ours(unfold), list(unfold.parameters())),
         # The original enters its own bf16 autocast (args.precision) inside forward.
         "original": (
-            lambda: original(video, mouse_id="mouse", behaviors=behavior, pupil_centers=pupil),
+            lambda: original(video, mouse_id="mouse", behaviors=behavior, pupil_centers=pupil).float().square().sum(),
             list(original.parameters()),
         ),
     }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(iters + 1):  # the first round warms up
-        for name, (forward, params) in runs.items():
-            seconds = step(forward, params, device)
-            if i > 0:
-                times[name].append(seconds)
-            print(f"  {'warm-up' if i == 0 else f'iter {i}'} {name}: {seconds:.3f} s", flush=True)
-    return times
+    return time_steps(runs, iters)
 
 
 def main(argv: list[str] | None = None) -> None:
