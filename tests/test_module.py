@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_sensorium.cli import lightning_main, with_defaults
 from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.losses import PoissonLoss
 from lightning_sensorium.models import Core, Factorized3dCore, GaussianReadout, MLPShifter
 from lightning_sensorium.module import SensoriumModule
-from tests.test_training import FAST
+from tests.test_training import _fit
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 
@@ -136,30 +135,9 @@ def test_distillation_blends_real_and_teacher_targets() -> None:
 
 
 def _fit_mixed(tmp_path: Path, stores: Path, *extra: str) -> object:
-    args = with_defaults(
-        [
-            "fit",
-            "--config",
-            str(EXPERIMENTS / "factorized.yaml"),
-            "--data.root",
-            str(stores),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "runs"),
-            "--model.core.init_args.hidden_channels",
-            "[4, 4, 4]",
-            *FAST,
-            "--trainer.limit_val_batches",
-            "1",
-            "--data.batch_size",
-            "4",
-            "--data.batch_mode",
-            "mixed",
-            "--model.accumulate_over_mice",
-            "false",
-            *extra,
-        ]
-    )
-    return lightning_main(args)
+    """The tiny factorized fit of tests/test_training.py with mice mixed inside each batch of 4."""
+    mixed = ["--data.batch_mode", "mixed", "--data.batch_size", "4", "--model.accumulate_over_mice", "false"]
+    return _fit(tmp_path, stores, "--trainer.limit_val_batches", "1", *mixed, *extra)
 
 
 def test_mixed_batches_fit_and_distil_from_a_checkpoint(tiny_stores: Path, tmp_path: Path) -> None:
