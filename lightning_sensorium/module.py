@@ -66,7 +66,8 @@ class SensoriumModule(L.LightningModule):
         monitor: validation metric used by the plateau scheduler and checkpointing.
         skip_frames: leading frames excluded from the metrics (official: 50).
         eval_window: predict whole trials by a sliding window of this many model frames (DwiseNeuro 16,
-            Dynamic-V1FM 30); overlapping predictions are averaged. None: the whole trial in one pass.
+            Dynamic-V1FM 30); overlapping predictions are averaged. None: the whole trial in one pass (with a
+            ``frame_step`` k > 1, one pass per phase: frames p, p + k, p + 2k, ... for p < k).
         eval_stride: raw frames between the ends of consecutive windows (DwiseNeuro 1, Dynamic-V1FM 15); the
             last window always ends at the trial's last frame.
         eval_window_batch: at most this many windows go through the model at once (memory bound).
@@ -127,12 +128,7 @@ class SensoriumModule(L.LightningModule):
                 f"model.eval_stride={eval_stride}, model.eval_window_batch={eval_window_batch} and "
                 f"frame_step={frame_step} must be ≥ 1"
             )
-        if frame_step > 1 and eval_window is None:
-            raise ValueError(
-                f"data.frame_step={frame_step}: the model sees every {frame_step}th frame, so whole trials must be "
-                "predicted by a sliding window: set model.eval_window (e.g. data.frames)"
-            )
-        if frame_step > 1 and math.gcd(eval_stride, frame_step) != 1:
+        if frame_step > 1 and eval_window is not None and math.gcd(eval_stride, frame_step) != 1:
             raise ValueError(
                 f"model.eval_stride={eval_stride} and data.frame_step={frame_step} share a factor: windows ending "
                 f"every {eval_stride} frames would never predict some frames; use an eval_stride coprime to it"
@@ -215,12 +211,36 @@ class SensoriumModule(L.LightningModule):
         The whole trial goes through the model in one pass, or, with ``eval_window``, window by window."""
         if self.eval_window is not None:
             return self._predict_sliding(batch)
+        if self.frame_step > 1:
+            return self._predict_phases(batch)
         pred = self(batch)  # (B, N, T_out)
         t = batch["video"].shape[2]
         lost = t - pred.shape[-1]
         if lost <= 0:
             return pred[..., -t:]
         return torch.nn.functional.pad(pred, (lost, 0), value=float("nan"))
+
+    def _predict_phases(self, batch: Mapping[str, Any]) -> Tensor:
+        """Whole trials at a ``frame_step`` k without a window: one pass over each phase's frames p, p + k, ...
+        (a model trained on every k-th frame predicts each of them from the frames it saw in training, the last
+        being its own); together the k passes cost one pass at the full frame rate."""
+        video = batch["video"]
+        b, _, t = video.shape[:3]
+        out: Tensor | None = None
+        for phase in range(min(self.frame_step, t)):
+            sub: dict[str, Any] = {"mouse_id": batch["mouse_id"], "video": video[:, :, phase :: self.frame_step]}
+            for key in ("behavior", "pupil_center"):
+                if batch.get(key) is not None:
+                    sub[key] = batch[key][:, :, phase :: self.frame_step]  # (B, 2, T_p)
+            pred = self(sub)  # (B, N, T_out) for the last T_out of the phase's T_p frames
+            if out is None:
+                out = pred.new_full((b, pred.shape[1], t), float("nan"))
+            t_p = sub["video"].shape[2]
+            kept = min(pred.shape[-1], t_p)
+            frames = phase + self.frame_step * torch.arange(t_p - kept, t_p, device=video.device)  # raw frame of each
+            out[..., frames] = pred[..., -kept:]
+        assert out is not None
+        return out  # (B, N, T)
 
     def _predict_sliding(self, batch: Mapping[str, Any]) -> Tensor:
         """Sliding-window prediction (DwiseNeuro's ``src/predictors.py``, Dynamic-V1FM's test-time tiling).
@@ -271,6 +291,26 @@ class SensoriumModule(L.LightningModule):
         return out.masked_fill(count == 0, float("nan"))  # (B, N, T)
 
     # ------------------------------------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        """Under DDP with several mice, let DDP skip the parameters a batch does not use.
+
+        A per-mouse batch (and a mixed batch that happens to miss a mouse) leaves the other mice's readouts and
+        shifters without gradients, which plain DDP refuses at the next step ("Expected to have finished
+        reduction"). Lightning builds the DDP wrapper after this hook, so ``find_unused_parameters`` is switched
+        on here, once, instead of asking every user for ``strategy: ddp_find_unused_parameters_true``.
+        """
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        if stage == "fit" and isinstance(strategy, DDPStrategy) and len(self.neurons) > 1:
+            kwargs = strategy._ddp_kwargs  # the keyword arguments DDPStrategy passes to DistributedDataParallel
+            if not kwargs.get("find_unused_parameters") and not kwargs.get("static_graph"):
+                kwargs["find_unused_parameters"] = True
+                log.info(
+                    "DDP with %d mice: find_unused_parameters=True (each batch uses some readouts only)",
+                    len(self.neurons),
+                )
+
     def on_fit_start(self) -> None:
         if self.accumulate_over_mice and len(self.neurons) > 1:
             # LongCycler: one batch per mouse, one optimizer step per cycle.
@@ -509,10 +549,27 @@ class SensoriumModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        if hasattr(scheduler, "steps_per_epoch") and scheduler.steps_per_epoch is None:
+            scheduler.steps_per_epoch = self._optimizer_steps_per_epoch()
         config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _optimizer_steps_per_epoch(self) -> int:
+        """Optimizer steps in one training epoch: the loader's batches over the gradient accumulation (per cycle
+        over the mice with ``accumulate_over_mice``, else the trainer's ``accumulate_grad_batches``)."""
+        trainer = self.trainer
+        _ = trainer.estimated_stepping_batches  # sets up the training loader, hence num_training_batches
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) or batches < 1:
+            raise ValueError(
+                f"the scheduler needs steps_per_epoch, and the training loader has {batches} batches per epoch: "
+                "set it in the scheduler's init_args"
+            )
+        accumulate = len(self.neurons) if self.accumulate_over_mice and len(self.neurons) > 1 else 1
+        accumulate = max(accumulate, trainer.accumulate_grad_batches)
+        return max(1, math.ceil(int(batches) / accumulate))
 
 
 def check_neurons_match(saved: Mapping[str, NeuronInfo], current: Mapping[str, NeuronInfo]) -> None:

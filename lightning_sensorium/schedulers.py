@@ -66,7 +66,9 @@ class WarmupCosineRestart(LRScheduler):
 
     Args:
         optimizer: the optimizer.
-        steps_per_epoch: optimizer steps per training epoch.
+        steps_per_epoch: optimizer steps per training epoch; ``None`` (the default): the
+            :class:`~lightning_sensorium.module.SensoriumModule` sets it from the training loader when it builds the
+            scheduler, so the schedule follows any data, batch size or accumulation.
         periods: epochs of each cosine period.
         min_lr: absolute final rate of each period.
         restart_weights: scale of the base rate at each restart (default: all 1).
@@ -77,7 +79,7 @@ class WarmupCosineRestart(LRScheduler):
     def __init__(
         self,
         optimizer: Optimizer,
-        steps_per_epoch: int,
+        steps_per_epoch: int | None = None,
         periods: tuple[int, ...] = (80, 100),
         min_lr: tuple[float, ...] = (1e-3, 1e-6),
         restart_weights: tuple[float, ...] | None = None,
@@ -85,7 +87,7 @@ class WarmupCosineRestart(LRScheduler):
         warmup_ratio: float = 1.0 / 3.0,
     ) -> None:
         weights = tuple(restart_weights) if restart_weights is not None else (1.0,) * len(periods)
-        if steps_per_epoch < 1:
+        if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be ≥ 1, got {steps_per_epoch}")
         if not periods or len(min_lr) != len(periods) or len(weights) != len(periods):
             raise ValueError(
@@ -106,7 +108,15 @@ class WarmupCosineRestart(LRScheduler):
 
     def rate(self, step: int, base_lr: float) -> float:
         """Learning rate of optimizer step ``step`` (0-based) for a group whose base rate is ``base_lr``."""
-        epoch = step // self.steps_per_epoch
+        if self.steps_per_epoch is None:
+            if step > 0:
+                raise RuntimeError(
+                    "WarmupCosineRestart: steps_per_epoch was never set (pass it, or train it under "
+                    "SensoriumModule, which sets it from the training loader)"
+                )
+            epoch = 0
+        else:
+            epoch = step // self.steps_per_epoch
         index = next((i for i, end in enumerate(self.cumulative) if epoch < end), None)
         if index is None:
             regular = self.min_lr[-1]

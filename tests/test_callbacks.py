@@ -418,9 +418,10 @@ def test_ddp_fork_ranks_hold_identical_averages(tiny_stores: Path, tmp_path: Pat
     args = _args(
         tmp_path,
         tiny_stores,
-        # ddp_fork with unused-parameter detection: each per-mouse batch leaves the other mice's readouts unused.
+        # Plain ddp_fork: each per-mouse batch leaves the other mice's readouts unused, and the module switches on
+        # DDP's unused-parameter detection itself (SensoriumModule.setup).
         "--trainer.strategy",
-        "ddp_fork_find_unused_parameters_true",
+        "ddp_fork",
         "--trainer.devices",
         "2",
         "--trainer.limit_train_batches",

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lightning_sensorium.cli import lightning_main, with_defaults
+from lightning_sensorium.demo import DEMO_OVERRIDES, demo_overrides
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 CONFIGS = sorted(p.name for p in EXPERIMENTS.glob("*.yaml") if p.name != "defaults.yaml")
@@ -104,3 +105,17 @@ def test_every_experiment_fits(config: str, precision: str, tiny_stores: Path, t
     cli = lightning_main(args)
     assert cli.trainer.state.finished
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize("config", sorted(DEMO_OVERRIDES))
+def test_demo_overrides_name_real_options(config: str, tiny_stores: Path, tmp_path: Path) -> None:
+    """The demo's CPU-sized models (``demo.DEMO_OVERRIDES``) build from their experiment with those options."""
+    args = ["--config", str(EXPERIMENTS.parent / config), "--data.root", str(tiny_stores), *demo_overrides(config)]
+    cli = lightning_main(with_defaults(args), run=False)
+    core = cli.model.encoder.core
+    for option, value in DEMO_OVERRIDES[config].items():
+        if option.startswith("model.core.init_args.") and value.isdigit():
+            assert getattr(core, option.rsplit(".", 1)[1], int(value)) == int(value)
+    assert cli.model.frame_step == cli.datamodule.frame_step  # linked
+    if "data.frame_step" in DEMO_OVERRIDES[config]:
+        assert cli.datamodule.frame_step == int(DEMO_OVERRIDES[config]["data.frame_step"])

@@ -81,9 +81,23 @@ def test_sliding_window_with_a_frame_step_covers_both_parities() -> None:
     assert torch.isnan(pred[..., 1]).all() and torch.isfinite(pred[..., [0, 2, 3, 20]]).all()
 
 
+@torch.no_grad()
+def test_frame_step_without_a_window_predicts_each_phase_in_one_pass() -> None:
+    whole = module(Factorized3dCore(hidden_channels=(3, 3)))
+    stepped = module(Factorized3dCore(hidden_channels=(3, 3)), frame_step=2)
+    stepped.load_state_dict(whole.state_dict())
+    x = batch(t=41)
+    pred = stepped.predict_full(x)
+    assert pred.shape == (2, 5, 41)
+    # The core loses 14 of each phase's frames (kernels 11 and 5): phase 0 has 21 frames, phase 1 has 20.
+    assert torch.isnan(pred[..., :28]).all() and torch.isfinite(pred[..., 28:]).all()
+    for phase in (0, 1):  # each phase equals the whole-trial pass over that phase's frames
+        sub = {**x, **{k: x[k][:, :, phase::2] for k in ("video", "behavior", "pupil_center")}}  # type: ignore[index]
+        expected = whole.predict_full(sub)  # (B, N, T_p)
+        torch.testing.assert_close(pred[..., phase::2][..., 14:], expected[..., 14:])
+
+
 def test_sliding_window_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="model.eval_window"):
-        module(FrameCore(), frame_step=2)
     with pytest.raises(ValueError, match="eval_stride"):
         module(FrameCore(), eval_window=4, eval_stride=0)
     with pytest.raises(ValueError, match="coprime"):
@@ -151,3 +165,16 @@ def test_mixed_batches_fit_and_distil_from_a_checkpoint(tiny_stores: Path, tmp_p
     assert not any(k.startswith("_teachers") for k in state["state_dict"])
     with pytest.raises(FileNotFoundError, match="model.teachers"):
         _fit_mixed(tmp_path / "c", tiny_stores, "--model.teachers", f"[{tmp_path / 'missing.ckpt'}]")
+
+
+def test_scheduler_steps_per_epoch_comes_from_the_training_loader(tiny_stores: Path, tmp_path: Path) -> None:
+    """``WarmupCosineRestart`` without ``steps_per_epoch`` gets the loader's optimizer steps per epoch: batches over
+    the cycle over the mice (``accumulate_over_mice``)."""
+    scheduler = ["--model.scheduler", "lightning_sensorium.schedulers.WarmupCosineRestart"]
+    cli = _fit(
+        tmp_path, tiny_stores, *scheduler, "--model.scheduler_interval", "step", "--trainer.limit_val_batches", "1"
+    )
+    trainer, mice = cli.trainer, len(cli.model.neurons)
+    assert mice > 1
+    schedule = trainer.lr_scheduler_configs[0].scheduler
+    assert schedule.steps_per_epoch == -(-int(trainer.num_training_batches) // mice)

@@ -12,7 +12,9 @@ https://github.com/ecker-lab/sensorium_2023/blob/main/notebooks/benchmarks_train
   ``grid = clamp(σ z + μ, −1, 1)`` with a fresh ``z ~ N(0, I)`` for every (batch · frame) row and neuron;
   evaluation reads at ``clamp(μ, −1, 1)``.
 * The gaze shift is added *after* the clamp, so a position may leave the frame; ``grid_sample`` (bilinear, zero
-  padding, ``align_corners=True``) then reads zeros there.
+  padding, ``align_corners=True``) then reads zeros there. The grid is made contiguous first: the einsum's strided
+  result (and the expanded μ of evaluation) send CPU ``grid_sample`` down a path ~4× slower
+  (``benchmarks/bench_readout.py``), a cost the original pays.
 * Response ``y_n = Σ_c F[c, grid_n] · w[c, n] + b_n`` with ``w`` initialised to 1/C.
 
 Differences from the original: the bias starts at ``neurons.mean_responses`` (the mean over the training frames)
@@ -105,7 +107,9 @@ class GaussianReadout(Readout):
         grid = self.sample_grid(b * t).to(x.dtype)  # (B·T, N, 1, 2)
         if shift is not None:
             grid = grid + shift.reshape(b * t, 1, 1, 2).to(x.dtype)  # after the clamp, as the original
-        y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # (B·T, C, N, 1)
+        y = F.grid_sample(
+            x, grid.contiguous(), mode="bilinear", padding_mode="zeros", align_corners=True
+        )  # (B·T, C, N, 1)
         return y.squeeze(-1)  # (B·T, C, N)
 
     def weigh(self, sampled: Tensor, batch: int) -> Tensor:
