@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sensorium.callbacks import EMA, CutMix
+from lightning_sensorium.callbacks import EMA, CutMix, PlateauRestore
 from lightning_sensorium.callbacks.cutmix import cutmix_batch, rand_box
 from lightning_sensorium.cli import lightning_main, with_defaults
 
@@ -448,3 +448,43 @@ def test_ddp_fork_ranks_hold_identical_averages(tiny_stores: Path, tmp_path: Pat
     params = [k for k, v in ranks[0]["raw"].items() if "running" not in k and v.is_floating_point()]
     assert all(torch.equal(ranks[0]["raw"][k], ranks[1]["raw"][k]) for k in params)
     assert any(not torch.equal(ranks[0]["raw"][k], ranks[0]["ema"][k]) for k in params)
+
+
+# ------------------------------------------------------------------------------------------------- PlateauRestore
+def _plateau_run(values: list[float], **kwargs: Any) -> tuple[list[float], list[float], bool, PlateauRestore]:
+    """Feed ``values`` as successive validation results; the weight is set to each epoch's value before it is
+    validated, so a restore is visible. Returns (lr after each epoch, weight after each epoch, stopped, callback)."""
+    from types import SimpleNamespace
+
+    module = nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={}, optimizers=[optimizer], should_stop=False)
+    cb = PlateauRestore(patience=2, factor=0.5, min_lr=1e-3, **kwargs)
+    lrs, weights = [], []
+    for v in values:
+        if trainer.should_stop:
+            break
+        with torch.no_grad():
+            module.weight.fill_(v)
+        trainer.callback_metrics = {"val/single_trial_corr": torch.tensor(v)}
+        cb.on_validation_end(trainer, module)  # type: ignore[arg-type]
+        lrs.append(optimizer.param_groups[0]["lr"])
+        weights.append(float(module.weight))
+    return lrs, weights, trainer.should_stop, cb
+
+
+def test_plateau_restore_decays_restores_and_stops() -> None:
+    lrs, weights, stopped, cb = _plateau_run([0.1, 0.3, 0.2, 0.2, 0.25, 0.2, 0.2, 0.1], max_decays=2)
+    # Two epochs without beating 0.3: restore 0.3's weights, halve the lr; twice; the third plateau stops.
+    assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.25]
+    assert weights[3] == weights[5] == weights[7] == pytest.approx(0.3)
+    assert stopped and cb.decays == 2
+
+
+def test_plateau_restore_can_reset_decays_on_improvement() -> None:
+    values = [0.1, 0.0, 0.0, 0.2, 0.1, 0.1, 0.3, 0.2, 0.2]  # a decay, an improvement, a decay, an improvement, ...
+    _, _, stopped, counted = _plateau_run(values, max_decays=1)
+    assert stopped  # the baselines' count: the second plateau is over the budget of 1 decay
+    lrs, _, stopped, reset = _plateau_run(values, max_decays=1, reset_decays_on_improvement=True)
+    assert not stopped and reset.decays == 1  # ViV1T's: each improvement gave the budget back
+    assert lrs[-1] == pytest.approx(0.125)

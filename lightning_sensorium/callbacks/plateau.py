@@ -4,6 +4,10 @@ neuralpredictors' ``early_stopping`` (https://github.com/sinzlab/neuralpredictor
 early_stopping.py) with ``ReduceLROnPlateau``: when the monitored validation metric has not improved for ``patience``
 epochs, restore the best weights and multiply every learning rate by ``factor``; after ``max_decays`` such decays
 (or when the LR would fall below ``min_lr``), restore the best weights once more and stop.
+
+neuralpredictors counts decays over the whole run; ViV1T's ``Scheduler`` (https://github.com/bryanlimy/ViV1T/blob/
+main/src/viv1t/scheduler.py, ``step``) sets the count back to 0 whenever the metric improves, so ``max_decays``
+bounds the decays *in a row without improvement*: ``reset_decays_on_improvement: true``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class PlateauRestore(Callback):
         min_lr: stop instead of decaying below this learning rate.
         max_decays: stop after this many decays.
         threshold: minimal absolute improvement that counts.
+        reset_decays_on_improvement: an improvement sets the decay count back to 0 (ViV1T), instead of counting
+            every decay of the run (the baselines).
     """
 
     def __init__(
@@ -42,10 +48,12 @@ class PlateauRestore(Callback):
         min_lr: float = 1e-4,
         max_decays: int = 4,
         threshold: float = 1e-6,
+        reset_decays_on_improvement: bool = False,
     ) -> None:
         self.monitor, self.mode = monitor, mode
         self.patience, self.factor, self.min_lr = patience, factor, min_lr
         self.max_decays, self.threshold = max_decays, threshold
+        self.reset_decays_on_improvement = reset_decays_on_improvement
         self.best = -math.inf if mode == "max" else math.inf
         self.wait = 0
         self.decays = 0
@@ -66,6 +74,8 @@ class PlateauRestore(Callback):
         value = float(trainer.callback_metrics[self.monitor])
         if self._improved(value):
             self.best, self.wait = value, 0
+            if self.reset_decays_on_improvement:
+                self.decays = 0
             self._best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             return
         self.wait += 1
