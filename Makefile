@@ -40,8 +40,9 @@ format: install ## apply ruff fixes and formatting
 demo: install ## synthesise 3 demo mice (if missing), convert them to zarr, summarise
 	$(BIN)/python -m lightning_sensorium.demo --data $(DATA)
 
-bench: install ## data-loading benchmark (figures go to BENCHMARKS.md)
+bench: install ## self-contained benchmarks: data loading, readout reads (figures go to BENCHMARKS.md)
 	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_readout.py
 
 clean: ## remove the demo data and run logs (keeps .venv)
 	rm -rf $(DATA) runs lightning_logs

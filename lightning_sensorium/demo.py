@@ -170,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 str(stores),
                 "--trainer.max_time",
                 f"00:00:{minutes:02d}:{seconds:02d}",
+                "--trainer.max_epochs",
+                "-1",  # the budget is the time: no epoch cap (the YAMLs' max_epochs count full-size epochs)
                 # A CPU budget of minutes: short epochs, no validation during training (evaluated after).
                 "--data.samples_per_epoch",
                 "16",

@@ -208,7 +208,31 @@ class SensoriumModule(L.LightningModule):
     def predict_full(self, batch: Mapping[str, Any]) -> Tensor:
         """Predictions for every frame of the batch ``(B, N, T)``; frames without a prediction are NaN.
 
-        The whole trial goes through the model in one pass, or, with ``eval_window``, window by window."""
+        The whole trial goes through the model in one pass, or, with ``eval_window``, window by window. Trials
+        shorter than the batch (``length``; zero-padded by the loader) are predicted in groups of equal length,
+        cut to it: a non-causal core (ViViT, DwiseNeuro, Swin) would otherwise see the padding, and the last
+        sliding window must end at each trial's own last frame."""
+        lengths = batch.get("length")
+        t = batch["video"].shape[2]
+        if lengths is None or bool((torch.as_tensor(lengths) >= t).all()):
+            return self._predict_trials(batch)
+        lengths = torch.as_tensor(lengths, device=batch["video"].device)
+        out: Tensor | None = None
+        for length in torch.unique(lengths).tolist():
+            rows = (lengths == length).nonzero().squeeze(1)  # (B_g,) trials of this length
+            sub: dict[str, Any] = {"mouse_id": batch["mouse_id"], "video": batch["video"][rows, :, :length]}
+            for key in ("behavior", "pupil_center"):
+                if batch.get(key) is not None:
+                    sub[key] = batch[key][rows, :, :length]  # (B_g, 2, L)
+            pred = self._predict_trials(sub)  # (B_g, N, L)
+            if out is None:
+                out = pred.new_full((len(lengths), pred.shape[1], t), float("nan"))
+            out[rows, :, :length] = pred
+        assert out is not None
+        return out  # (B, N, T), NaN past each trial's length
+
+    def _predict_trials(self, batch: Mapping[str, Any]) -> Tensor:
+        """:meth:`predict_full` for trials that fill the batch's frames."""
         if self.eval_window is not None:
             return self._predict_sliding(batch)
         if self.frame_step > 1:
@@ -426,6 +450,8 @@ class SensoriumModule(L.LightningModule):
             self._setup_metrics("test")
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        if batch.get("padding"):  # a DDP rank's stand-in batch (datamodule._PaddedEvalSampler): not scored
+            return
         mouse, tier = batch["mouse_id"], batch["tier"]
         key = f"{stage}::{_metric_key(tier, mouse)}"
         if key not in self.metrics:
@@ -498,7 +524,9 @@ class SensoriumModule(L.LightningModule):
         if results:
             self._log_results("test", results, self.trainer.datamodule.test_tiers[0])
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        if batch.get("padding"):  # a DDP rank's stand-in batch: nothing to write
+            return None
         pred = self.predict_full(batch)
         return {
             "mouse_id": batch["mouse_id"],

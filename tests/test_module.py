@@ -33,6 +33,14 @@ class FrameCore(Core):
         return nn.functional.elu(self.conv(torch.cat([video, maps], 1)))  # (B, C, T, H, W)
 
 
+class ContextCore(FrameCore):
+    """A non-causal core: every output frame also sees the mean over all the frames it is given."""
+
+    def forward(self, video: Tensor, behavior: Tensor | None = None, pupil_center: Tensor | None = None) -> Tensor:
+        y = super().forward(video, behavior, pupil_center)  # (B, C, T, H, W)
+        return y + y.mean(dim=2, keepdim=True)
+
+
 def neurons(n: int, mouse: str, seed: int) -> NeuronInfo:
     rng = np.random.default_rng(seed)
     return NeuronInfo(mouse, np.arange(n), rng.uniform(0, 500, (n, 3)), rng.uniform(0.5, 2, n))
@@ -178,3 +186,26 @@ def test_scheduler_steps_per_epoch_comes_from_the_training_loader(tiny_stores: P
     assert mice > 1
     schedule = trainer.lr_scheduler_configs[0].scheduler
     assert schedule.steps_per_epoch == -(-int(trainer.num_training_batches) // mice)
+
+
+@torch.no_grad()
+def test_trials_shorter_than_the_batch_are_predicted_at_their_own_length() -> None:
+    """A zero-padded short trial gets the prediction it gets alone, in one pass (a non-causal core sees no padding)
+    and by sliding windows (the last one ends at its own last frame)."""
+    for m in (module(ContextCore()), module(ContextCore(), eval_window=20, eval_stride=7, frame_step=2)):
+        _check_short_trial(m)
+
+
+def _check_short_trial(m: SensoriumModule) -> None:
+    x = batch(t=60)
+    x["length"] = torch.tensor([60, 47])
+    x["video"][1, :, 47:] = 0  # the loader's padding  # type: ignore[index]
+    pred = m.predict_full(x)
+    alone = {k: (v[1:2, :, :47] if isinstance(v, Tensor) and v.dim() > 1 else v) for k, v in x.items()}
+    alone.pop("length")
+    expected = m.predict_full(alone)  # (1, N, 47)
+    torch.testing.assert_close(pred[1:2, :, :47], expected, equal_nan=True)
+    assert torch.isnan(pred[1, :, 47:]).all() and torch.isfinite(pred[1, :, 46]).all()
+    first = {k: (v[:1] if isinstance(v, Tensor) and v.dim() > 1 else v) for k, v in x.items()}
+    first.pop("length")
+    torch.testing.assert_close(pred[:1], m.predict_full(first), equal_nan=True)

@@ -184,6 +184,8 @@ class ZarrPredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if prediction is None:  # a DDP rank's padding batch (SensoriumModule.predict_step)
+            return
         self.write(prediction["mouse_id"], prediction["trial"], prediction["length"], prediction["prediction"])
 
     def write(self, mouse: str, trials: Any, lengths: Any, pred: Any) -> None:
@@ -273,7 +275,8 @@ class BatchSink(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.sink(prediction, batch)
+        if prediction is not None:  # None: a DDP rank's padding batch (SensoriumModule.predict_step)
+            self.sink(prediction, batch)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self.on_error is not None:

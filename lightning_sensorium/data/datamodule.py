@@ -132,13 +132,38 @@ class _EvalTrials(Dataset):
         return len(self.groups)
 
     def __getitem__(self, index: int) -> Batch:
-        mouse, tier, trials = self.groups[index]
+        padding = index < 0  # see _PaddedEvalSampler: a rank's stand-in batch, never scored or written
+        mouse, tier, trials = self.groups[~index if padding else index]
         store = self.dm.stores[mouse]
         samples = [self.dm._read(mouse, t, 0, int(store.length[t])) for t in trials]
         batch = self.dm._collate(samples)
         batch["tier"] = tier
         batch["clip_index"] = torch.from_numpy(np.searchsorted(self.clips[tier, mouse], batch["clip_id"].numpy()))
+        if padding:
+            batch["padding"] = True
         return batch
+
+
+class _PaddedEvalSampler(DistributedSampler):
+    """Each evaluation batch on exactly one rank (rank ``r`` takes batches ``r, r + world, ...``), and at least one
+    batch on every rank.
+
+    Lightning's ``UnrepeatedDistributedSampler`` also scores each batch once but refuses fewer batches than ranks
+    (and a rank without a batch would skip the evaluation loop while the others wait in the metrics' all-reduce).
+    Such a rank gets one *padding* batch instead: index ``~i`` (negative), which :class:`_EvalTrials` reads as batch
+    ``i`` marked ``padding``, and the module and the writers skip. A ``DistributedSampler``, so Lightning keeps it.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        n = len(dataset)  # type: ignore[arg-type]
+        self.indices = list(range(rank, n, num_replicas)) or ([~(rank % n)] if n else [])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class SensoriumDataModule(L.LightningDataModule):
@@ -370,15 +395,11 @@ class SensoriumDataModule(L.LightningDataModule):
         return self._eval_loader(tiers, skip_hidden, max_trials)
 
     def _eval_loader(self, tiers: Sequence[str], skip_hidden: bool = True, max_trials: int | None = None) -> DataLoader:
-        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
         ds = _EvalTrials(self, tiers, self.eval_batch_size, skip_hidden, max_trials)
         sampler = None
         if self.trainer is not None and self.trainer.world_size > 1:
             # Lightning's default DistributedSampler pads by repeating trials; this one scores each trial once.
-            sampler = UnrepeatedDistributedSampler(
-                ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
-            )
+            sampler = _PaddedEvalSampler(ds, self.trainer.world_size, self.trainer.global_rank)
         return DataLoader(ds, batch_size=None, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
