@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     for config in ns.configs:
         name = Path(config).stem
         print(f"training {name} for {ns.minutes} minutes ...", flush=True)
-        rows[name] = run(config, ns.minutes, ns.data, ns.out / f"{name}.log")
+        try:
+            rows[name] = run(config, ns.minutes, ns.data, ns.out / f"{name}.log")
+        except RuntimeError as err:  # one model's failure must not cost the others' runs
+            print(f"  {name} FAILED: {err}", flush=True)
+            continue
         print(f"  {name}: {json.dumps(rows[name])}", flush=True)
         (ns.out / "summary.json").write_text(json.dumps(rows, indent=2))
     print(

@@ -271,7 +271,8 @@ class SensoriumModule(L.LightningModule):
 
         A window takes ``eval_window`` frames, every ``frame_step``-th, and ends at raw frame ``e``; its outputs
         belong to its last ``T'`` sampled frames. Window ends run every ``eval_stride`` frames from the first
-        complete window, plus one ending at the last frame; each frame's prediction is the mean over the windows
+        complete window, plus windows that start at the first and end at the last frames of each of the
+        ``frame_step`` phases (for ``frame_step`` 1: one ending at the last frame); each frame's prediction is the mean over the windows
         that predict it. https://github.com/lRomul/sensorium/blob/main/src/predictors.py
         """
         assert self.eval_window is not None
@@ -283,9 +284,15 @@ class SensoriumModule(L.LightningModule):
                 f"a trial of {t} frames is shorter than one prediction window of {span} frames "
                 f"(model.eval_window={self.eval_window}, data.frame_step={self.frame_step})"
             )
-        ends = list(range(span - 1, t, self.eval_stride))
-        if ends[-1] != t - 1:
-            ends.append(t - 1)
+        # Every eval_stride frames from the first complete window, plus, for each of the frame_step phases, one
+        # window starting at the first frames and one ending at the last (a single last window at frame_step 2
+        # would leave the other phase's last frames unpredicted whenever the stride skips them).
+        k = self.frame_step
+        ends = sorted(
+            set(range(span - 1, t, self.eval_stride))
+            | {e for e in range(span - 1, span - 1 + k) if e < t}
+            | {e for e in range(t - k, t) if e >= span - 1}
+        )
         offsets = torch.arange(self.eval_window, device=video.device) * self.frame_step - (span - 1)  # (L,)
         total: Tensor | None = None
         count = torch.zeros(t, device=video.device)
@@ -588,7 +595,8 @@ class SensoriumModule(L.LightningModule):
         """Optimizer steps in one training epoch: the loader's batches over the gradient accumulation (per cycle
         over the mice with ``accumulate_over_mice``, else the trainer's ``accumulate_grad_batches``)."""
         trainer = self.trainer
-        _ = trainer.estimated_stepping_batches  # sets up the training loader, hence num_training_batches
+        if not math.isfinite(trainer.num_training_batches):
+            trainer.fit_loop.setup_data()  # builds the training loader now (idempotent), hence num_training_batches
         batches = trainer.num_training_batches
         if not math.isfinite(batches) or batches < 1:
             raise ValueError(
