@@ -272,8 +272,8 @@ class SensoriumModule(L.LightningModule):
         A window takes ``eval_window`` frames, every ``frame_step``-th, and ends at raw frame ``e``; its outputs
         belong to its last ``T'`` sampled frames. Window ends run every ``eval_stride`` frames from the first
         complete window, plus windows that start at the first and end at the last frames of each of the
-        ``frame_step`` phases (for ``frame_step`` 1: one ending at the last frame); each frame's prediction is the mean over the windows
-        that predict it. https://github.com/lRomul/sensorium/blob/main/src/predictors.py
+        ``frame_step`` phases (for ``frame_step`` 1: one ending at the last frame); each frame's prediction is the
+        mean over the windows that predict it. https://github.com/lRomul/sensorium/blob/main/src/predictors.py
         """
         assert self.eval_window is not None
         video = batch["video"]
