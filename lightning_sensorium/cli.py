@@ -8,6 +8,7 @@ the handlers so that ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -405,6 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     for add in _OWN_SUBCOMMANDS.values():
         add(sub)
     return parser
+
+
+def cli_args(values: dict[str, Any]) -> list[str]:
+    """Dotted path → value pairs as LightningCLI arguments.
+
+    Strings go as they are (jsonargparse keeps a ``str`` option's text verbatim, quotes included); everything else
+    as JSON, which is valid YAML, so numbers, booleans, ``null`` and lists keep their types.
+    """
+    out: list[str] = []
+    for key, value in values.items():
+        out += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return out
 
 
 def with_defaults(argv: list[str]) -> list[str]:

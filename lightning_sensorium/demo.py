@@ -97,7 +97,9 @@ DEMO_OVERRIDES: dict[str, dict[str, str]] = {
 
 def demo_overrides(config: str) -> list[str]:
     """``DEMO_OVERRIDES[config]`` as command-line arguments (none for an experiment without an entry)."""
-    return [arg for option, value in DEMO_OVERRIDES.get(config, {}).items() for arg in (f"--{option}", value)]
+    from lightning_sensorium.cli import cli_args
+
+    return cli_args(DEMO_OVERRIDES.get(config, {}))
 
 
 #: Tiers the demo evaluates (whole trials are slow on a CPU: ~2 s per trial for the factorized baseline).

@@ -212,19 +212,16 @@ class SensoriumModule(L.LightningModule):
         shorter than the batch (``length``; zero-padded by the loader) are predicted in groups of equal length,
         cut to it: a non-causal core (ViViT, DwiseNeuro, Swin) would otherwise see the padding, and the last
         sliding window must end at each trial's own last frame."""
-        lengths = batch.get("length")
         t = batch["video"].shape[2]
-        if lengths is None or bool((torch.as_tensor(lengths) >= t).all()):
+        if batch.get("length") is None:
             return self._predict_trials(batch)
-        lengths = torch.as_tensor(lengths, device=batch["video"].device)
+        lengths = torch.as_tensor(batch["length"], device=batch["video"].device)
+        if bool((lengths >= t).all()):
+            return self._predict_trials(batch)
         out: Tensor | None = None
         for length in torch.unique(lengths).tolist():
             rows = (lengths == length).nonzero().squeeze(1)  # (B_g,) trials of this length
-            sub: dict[str, Any] = {"mouse_id": batch["mouse_id"], "video": batch["video"][rows, :, :length]}
-            for key in ("behavior", "pupil_center"):
-                if batch.get(key) is not None:
-                    sub[key] = batch[key][rows, :, :length]  # (B_g, 2, L)
-            pred = self._predict_trials(sub)  # (B_g, N, L)
+            pred = self._predict_trials(_model_inputs(batch, slice(length), rows))  # (B_g, N, L)
             if out is None:
                 out = pred.new_full((len(lengths), pred.shape[1], t), float("nan"))
             out[rows, :, :length] = pred
@@ -252,10 +249,7 @@ class SensoriumModule(L.LightningModule):
         b, _, t = video.shape[:3]
         out: Tensor | None = None
         for phase in range(min(self.frame_step, t)):
-            sub: dict[str, Any] = {"mouse_id": batch["mouse_id"], "video": video[:, :, phase :: self.frame_step]}
-            for key in ("behavior", "pupil_center"):
-                if batch.get(key) is not None:
-                    sub[key] = batch[key][:, :, phase :: self.frame_step]  # (B, 2, T_p)
+            sub = _model_inputs(batch, slice(phase, None, self.frame_step))  # (B, ..., T_p): the phase's frames
             pred = self(sub)  # (B, N, T_out) for the last T_out of the phase's T_p frames
             if out is None:
                 out = pred.new_full((b, pred.shape[1], t), float("nan"))
@@ -342,10 +336,15 @@ class SensoriumModule(L.LightningModule):
                     len(self.neurons),
                 )
 
+    @property
+    def _batches_per_mouse_cycle(self) -> int:
+        """Batches accumulated into one optimizer step by ``accumulate_over_mice`` (1 when it is off)."""
+        return len(self.neurons) if self.accumulate_over_mice and len(self.neurons) > 1 else 1
+
     def on_fit_start(self) -> None:
-        if self.accumulate_over_mice and len(self.neurons) > 1:
+        if self._batches_per_mouse_cycle > 1:
             # LongCycler: one batch per mouse, one optimizer step per cycle.
-            self.trainer.accumulate_grad_batches = len(self.neurons)
+            self.trainer.accumulate_grad_batches = self._batches_per_mouse_cycle
         if self.teacher_paths and not self._teachers:
             self._teachers = [self._load_teacher(path) for path in self.teacher_paths]
 
@@ -603,9 +602,19 @@ class SensoriumModule(L.LightningModule):
                 f"the scheduler needs steps_per_epoch, and the training loader has {batches} batches per epoch: "
                 "set it in the scheduler's init_args"
             )
-        accumulate = len(self.neurons) if self.accumulate_over_mice and len(self.neurons) > 1 else 1
-        accumulate = max(accumulate, trainer.accumulate_grad_batches)
+        accumulate = max(self._batches_per_mouse_cycle, trainer.accumulate_grad_batches)
         return max(1, math.ceil(int(batches) / accumulate))
+
+
+def _model_inputs(batch: Mapping[str, Any], frames: slice, rows: Tensor | None = None) -> dict[str, Any]:
+    """The model's inputs of ``batch`` (video ``(B, C, T, H, W)``, behaviour and pupil centre ``(B, 2, T)``: time is
+    dimension 2 of each) at ``frames``, for the trials ``rows`` (default: all)."""
+    sub: dict[str, Any] = {"mouse_id": batch["mouse_id"]}
+    for key in ("video", "behavior", "pupil_center"):
+        if batch.get(key) is not None:
+            x = batch[key] if rows is None else batch[key][rows]
+            sub[key] = x[:, :, frames]
+    return sub
 
 
 def check_neurons_match(saved: Mapping[str, NeuronInfo], current: Mapping[str, NeuronInfo]) -> None:

@@ -326,18 +326,6 @@ def load_sweep(path: str | Path, extra_overrides: dict[str, Any] | None = None) 
 
 
 # ----------------------------------------------------------------------------------------------- config parsing
-def cli_args(values: dict[str, Any]) -> list[str]:
-    """Dotted path → value pairs as LightningCLI arguments.
-
-    Strings go as they are (jsonargparse keeps a ``str`` option's text verbatim, quotes included); everything else
-    as JSON, which is valid YAML, so numbers, booleans, ``null`` and lists keep their types.
-    """
-    out: list[str] = []
-    for key, value in values.items():
-        out += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    return out
-
-
 @contextlib.contextmanager
 def _bare_argv() -> Iterator[None]:
     """LightningCLI warns when given ``args=`` while ``sys.argv`` has items (the sweep's own command line)."""
@@ -351,7 +339,7 @@ def _bare_argv() -> Iterator[None]:
 
 def experiment_args(experiment: Path, values: dict[str, Any]) -> list[str]:
     """``--config defaults.yaml --config <experiment> --<path> <value> ...`` (without a subcommand)."""
-    from lightning_sensorium.cli import with_defaults
+    from lightning_sensorium.cli import cli_args, with_defaults
 
     return with_defaults(["--config", str(experiment), *cli_args(values)])
 

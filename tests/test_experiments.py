@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_sensorium.cli import lightning_main, with_defaults
+from lightning_sensorium.cli import cli_args, lightning_main, with_defaults
 from lightning_sensorium.demo import DEMO_OVERRIDES, demo_overrides
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
@@ -68,7 +68,7 @@ SMOKE: dict[str, dict[str, str]] = {
 
 def smoke_args(config: str) -> list[str]:
     """``SMOKE[config]`` as command-line arguments."""
-    return [arg for option, value in SMOKE.get(config, {}).items() for arg in (f"--{option}", value)]
+    return cli_args(SMOKE.get(config, {}))
 
 
 def test_every_config_has_a_smoke_entry() -> None:

@@ -123,9 +123,7 @@ class HierarchicalGaussianReadout(GaussianReadout):
     def _read(self, x: Tensor, grid: Tensor, features: Tensor) -> Tensor:
         """Features ``x (R, C, H, W)`` read at ``grid (R, M, 1, 2)`` and weighted by ``features (1, C, 1, M)`` →
         ``(R, M)``."""
-        y = F.grid_sample(
-            x, grid.contiguous(), mode="bilinear", padding_mode="zeros", align_corners=True
-        )  # (R, C, M, 1)
+        y = self.read_at(x, grid)  # (R, C, M, 1)
         return (y.squeeze(-1) * features.squeeze(2).to(y.dtype)).sum(1)  # (R, M)
 
     def forward(self, features: Tensor, shift: Tensor | None = None, behavior: Tensor | None = None) -> Tensor:
