@@ -4,6 +4,8 @@
 * :func:`behavior_as_channels`: behaviour (and pupil centre) broadcast to constant image channels. The cores call
   it, not the data loader: the batch always carries a 1-channel video plus the raw signals, and each core decides
   what enters as channels (the baselines: behaviour only; DwiseNeuro and ViV1T: behaviour and pupil centre).
+* :func:`constant_maps_footprint`: what a convolution makes of such constant channels, so that a core convolves
+  only the video and adds the signals' part as ``signal × footprint`` (the same sum, without the per-pixel work).
 * :class:`Exp`: the exponential output nonlinearity of ViV1T (``output_mode=1``).
 * :class:`DropPath`: stochastic depth per sample, used by DwiseNeuro, Dynamic-V1FM and ViV1T.
 * :func:`laplace_l2norm`, :func:`depth_laplace_l21d`: the smoothness penalties of the first-layer filters.
@@ -89,6 +91,24 @@ def behavior_as_channels(video: Tensor, behavior: Tensor | None, pupil_center: T
     return torch.cat([video, maps], dim=1)  # (B, C + S, T, H, W)
 
 
+def constant_maps_footprint(
+    weight: Tensor, height: int, width: int, padding: tuple[int, int], stride: tuple[int, int] = (1, 1)
+) -> Tensor:
+    """Output of a 2D convolution with ``weight (O, S, kh, kw)`` on ``S`` separate unit maps of ``height × width``.
+
+    Returns ``(S, O, H', W')``: entry ``[s, o]`` is the convolution of filter ``w[o, s]`` with an all-ones image, i.e.
+    the filter's sum away from the border and a partial sum within ``padding`` of it. A convolution over
+    ``[video, constant signal maps]`` (:func:`behavior_as_channels`) then equals the convolution of the video alone
+    plus ``Σ_s signal_s · footprint[s]`` — for an 11×11 first layer of 1 video + 2 behaviour channels, a third of the
+    multiply-adds (``benchmarks/bench_factorized_forward.py``). ``padding`` and ``stride`` are the convolution's.
+    """
+    o, s, kh, kw = weight.shape
+    ones = weight.new_ones(1, s, height, width)
+    per_signal = weight.transpose(0, 1).reshape(s * o, 1, kh, kw)  # (S·O, 1, kh, kw): filter w[o, s] at s·O + o
+    out = F.conv2d(ones, per_signal, stride=stride, padding=padding, groups=s)  # (1, S·O, H', W')
+    return out.view(s, o, out.shape[-2], out.shape[-1])  # (S, O, H', W')
+
+
 # neuralpredictors regularizers.py `laplace()` and `laplace1d()`. The 1D filter sums to 2: it is not a second
 # difference, and it penalises the filter's energy as well as its roughness (models.md §2). Kept as the original.
 _LAPLACE_2D = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
@@ -120,4 +140,12 @@ def depth_laplace_l21d(weight: Tensor) -> Tensor:
     return lap.pow(2).sum() / w.pow(2).sum()
 
 
-__all__ = ["ELU1", "DropPath", "Exp", "behavior_as_channels", "depth_laplace_l21d", "laplace_l2norm"]
+__all__ = [
+    "ELU1",
+    "DropPath",
+    "Exp",
+    "behavior_as_channels",
+    "constant_maps_footprint",
+    "depth_laplace_l21d",
+    "laplace_l2norm",
+]

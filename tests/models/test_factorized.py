@@ -80,6 +80,51 @@ def test_core_output_shape_and_alignment() -> None:
     assert touched.max().item() == 40
 
 
+def test_padding_keeps_the_frame_size_and_the_parameters_and_stays_causal() -> None:
+    valid, padded = Factorized3dCore(hidden_channels=SMALL), Factorized3dCore(hidden_channels=SMALL, padding=True)
+    assert count(padded) == count(valid)  # padding adds no weights
+    assert padded.output_shape((1, 80, 36, 64)) == (SMALL[-1], 62, 36, 64)
+    video, behavior, _ = make_inputs(batch=1)
+    out = padded.eval()(video, behavior)
+    assert out.shape == (1, SMALL[-1], 62, 36, 64)
+    # A pixel in the corner now reaches the corner of the feature map (valid convolutions drop it) ...
+    changed = video.clone()
+    changed[:, :, :, 0, 0] += 1.0
+    diff = (padded(changed, behavior) - out).abs().amax(dim=(0, 1, 2))  # (H, W)
+    assert diff[0, 0] > 0 and diff[-1, -1] == 0
+    # ... and time stays causal and valid: output frame k sees input frames k … k + 18 only.
+    changed = video.clone()
+    changed[:, :, 40] += 1.0
+    touched = torch.nonzero((padded(changed, behavior) - out).abs().amax(dim=(0, 1, 3, 4)) > 0).flatten()
+    assert (touched.min().item(), touched.max().item()) == (40 - 18, 40)
+
+
+def test_input_stride_halves_the_grid() -> None:
+    assert Factorized3dCore(padding=True, input_stride=2).output_shape((1, 80, 36, 64)) == (128, 62, 18, 32)
+    assert Factorized3dCore(input_stride=2).output_shape((1, 80, 36, 64)) == (128, 62, 5, 19)
+    assert count(Factorized3dCore(input_stride=2)) == count(Factorized3dCore())
+    with pytest.raises(ValueError, match="input_stride"):
+        Factorized3dCore(input_stride=0)
+
+
+@pytest.mark.parametrize(("padding", "stride"), [(False, 1), (True, 1), (True, 2), (False, 3)])
+def test_signal_footprints_give_the_convolution_of_constant_channels(padding: bool, stride: int) -> None:
+    """The first layer convolves the video alone and adds signal × footprint: the plain convolution over
+    ``[video, behaviour maps, pupil maps]`` (the original's computation) gives the same outputs and gradients."""
+    core = Factorized3dCore(hidden_channels=SMALL, padding=padding, input_stride=stride, pupil_channels=True)
+    video, behavior, pupil = make_inputs(batch=2, frames=20)
+    ours = core(video, behavior, pupil)
+    plain = core.layers(behavior_as_channels(video, behavior, pupil))  # every channel through conv_spatial
+    assert tuple(ours.shape[1:]) == core.output_shape((1, 20, 36, 64))
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    weight = core.layers[0].conv_spatial.weight
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), weight)
+    (g_plain,) = torch.autograd.grad(plain.square().sum(), weight)
+    scale = g_plain.abs().max().item()  # float32 sums over ~10⁵ outputs: compare relative to the largest entry
+    torch.testing.assert_close(g_ours, g_plain, rtol=1e-4, atol=1e-5 * scale)
+    assert g_ours[:, 1:].abs().sum() > 0  # the signals' filters learn
+
+
 def test_behavior_enters_as_channels_after_the_video() -> None:
     video, behavior, pupil = make_inputs(batch=1, frames=3)
     x = behavior_as_channels(video, behavior, pupil)

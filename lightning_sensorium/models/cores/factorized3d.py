@@ -9,31 +9,58 @@ Each layer::
     x ─► Conv3d (1, k, k) ─► Conv3d (t, 1, 1) ─► BatchNorm3d ─► ELU ─► y
          spatial, bias       temporal, bias      affine, momentum 0.7
 
-All convolutions are valid (unpadded), stride 1, with a bias even before BatchNorm, and there is no nonlinearity
-between the spatial and the temporal convolution. With the defaults a (3, 80, 36, 64) input becomes
-(128, 62, 18, 46): 18 frames are lost, the receptive field is 19 frames × 19 × 19 pixels, and the core is causal —
-output frame ``k`` sees input frames ``k … k + 18`` and belongs to input frame ``k + 18`` (the last).
+All convolutions are valid (unpadded; ``padding=True`` zero-pads the spatial ones, as the original offers), stride
+1, with a bias even before BatchNorm, and there is no nonlinearity between the spatial and the temporal
+convolution. With the defaults a (3, 80, 36, 64) input becomes (128, 62, 18, 46): 18 frames are lost, the
+receptive field is 19 frames × 19 × 19 pixels, and the core is causal — output frame ``k`` sees input frames
+``k … k + 18`` and belongs to input frame ``k + 18`` (the last).
 
-Differences from the original, none of which changes the 2023 model: only valid convolutions, stride 1, ELU, and
+Differences from the original, none of which changes the 2023 model: only stride 1, ELU, and
 square spatial kernels are offered (the options the benchmark does not use are left out), and the layers are named
 ``layers.<i>.{conv_spatial,conv_temporal,norm,nonlin}`` in every layer (the original adds ``_<i>`` to the
-hidden layers' conv names and keeps them under ``features``).
+hidden layers' conv names and keeps them under ``features``). One change of *how* it is computed: the behaviour
+channels are constant images, so the first spatial convolution runs on the video channel alone and adds each
+signal times its filter's footprint (:func:`~lightning_sensorium.models.layers.constant_maps_footprint`) — the
+same sum up to float rounding, a third of the first layer's work (the layer that dominates a step).
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sensorium.models.cores.base import Core
-from lightning_sensorium.models.layers import behavior_as_channels, depth_laplace_l21d, laplace_l2norm
+from lightning_sensorium.models.layers import constant_maps_footprint, depth_laplace_l21d, laplace_l2norm
+
+
+def _same(kernel: int, padding: bool) -> tuple[int, int, int]:
+    """Conv3d padding of a ``(1, k, k)`` spatial kernel: ``k // 2`` on both spatial axes if ``padding``, else none."""
+    return (0, kernel // 2, kernel // 2) if padding else (0, 0, 0)
 
 
 class _FactorizedBlock(nn.Sequential):
-    """Spatial ``(1, k, k)`` conv → temporal ``(t, 1, 1)`` conv → BatchNorm3d → ELU, all valid."""
+    """Spatial ``(1, k, k)`` conv (valid, or zero-padded to keep H × W) → temporal ``(t, 1, 1)`` conv (valid) →
+    BatchNorm3d → ELU."""
 
-    def __init__(self, in_channels: int, out_channels: int, spatial: int, temporal: int, momentum: float) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        spatial: int,
+        temporal: int,
+        momentum: float,
+        padding: bool,
+        stride: int = 1,
+    ) -> None:
         super().__init__()
-        self.conv_spatial = nn.Conv3d(in_channels, out_channels, (1, spatial, spatial))
+        self.conv_spatial = nn.Conv3d(
+            in_channels,
+            out_channels,
+            (1, spatial, spatial),
+            stride=(1, stride, stride),
+            padding=_same(spatial, padding),
+        )
         self.conv_temporal = nn.Conv3d(out_channels, out_channels, (temporal, 1, 1))
         self.norm = nn.BatchNorm3d(out_channels, momentum=momentum)
         self.nonlin = nn.ELU()
@@ -56,6 +83,13 @@ class Factorized3dCore(Core):
         video_channels: channels of the video itself (1, grey).
         behavior_channels: add pupil size and running speed as 2 constant image channels.
         pupil_channels: add the pupil centre as 2 channels too (off in the baseline: it drives the shifter).
+        padding: zero-pad the spatial convolutions to keep H × W (the original's ``padding``; off in the baseline,
+            whose valid convolutions lose ``Σ (k − 1)`` border pixels — 18 of 36 rows with the defaults, so neurons
+            whose receptive fields lie in the outer quarters are read at the border of the feature map). Temporal
+            convolutions stay valid (causal) either way.
+        input_stride: spatial stride of the first spatial convolution (1 in the baseline). 2 runs every later layer
+            and the readout on a half-resolution grid — a quarter of their work; the readout's positions are in
+            normalised coordinates, so they mean the same place on the screen at any stride.
         spatial_reg_weight: weight of the Laplace smoothness of the first spatial filters (``gamma_input_spatial``).
         temporal_reg_weight: weight of the 1D Laplace smoothness of the first temporal filters
             (``gamma_input_temporal``).
@@ -72,6 +106,8 @@ class Factorized3dCore(Core):
         video_channels: int = 1,
         behavior_channels: bool = True,
         pupil_channels: bool = False,
+        padding: bool = False,
+        input_stride: int = 1,
         spatial_reg_weight: float = 10.0,
         temporal_reg_weight: float = 0.01,
     ) -> None:
@@ -79,6 +115,10 @@ class Factorized3dCore(Core):
         if not hidden_channels:
             raise ValueError("hidden_channels needs at least one layer")
         self.video_channels = video_channels
+        self.padding = padding
+        if input_stride < 1:
+            raise ValueError(f"input_stride must be ≥ 1, got {input_stride}")
+        self.input_stride = input_stride
         self.behavior_channels = behavior_channels
         self.pupil_channels = pupil_channels
         self.spatial_reg_weight = spatial_reg_weight
@@ -89,13 +129,16 @@ class Factorized3dCore(Core):
         for i, out_channels in enumerate(hidden_channels):
             spatial = spatial_input_kernel if i == 0 else spatial_hidden_kernel
             temporal = temporal_input_kernel if i == 0 else temporal_hidden_kernel
-            blocks.append(_FactorizedBlock(in_channels, out_channels, spatial, temporal, batch_norm_momentum))
+            stride = input_stride if i == 0 else 1
+            blocks.append(
+                _FactorizedBlock(in_channels, out_channels, spatial, temporal, batch_norm_momentum, padding, stride)
+            )
             in_channels = out_channels
         self.layers = nn.Sequential(*blocks)
         self.out_channels = in_channels
         # Valid convolutions shrink each axis by (kernel − 1) per layer.
         self._frames_lost = sum(b.conv_temporal.kernel_size[0] - 1 for b in blocks)
-        self._pixels_lost = sum(b.conv_spatial.kernel_size[1] - 1 for b in blocks)
+        self._spatial_kernels = [b.conv_spatial.kernel_size[1] for b in blocks]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -111,12 +154,26 @@ class Factorized3dCore(Core):
             raise ValueError("Factorized3dCore(behavior_channels=True) needs `behavior` (B, 2, T)")
         if self.pupil_channels and pupil_center is None:
             raise ValueError("Factorized3dCore(pupil_channels=True) needs `pupil_center` (B, 2, T)")
-        x = behavior_as_channels(
-            video,
-            behavior if self.behavior_channels else None,
-            pupil_center if self.pupil_channels else None,
-        )  # (B, C_in, T, H, W)
-        return self.layers(x)  # (B, C', T − lost, H − lost_px, W − lost_px)
+        signals = ([behavior] if self.behavior_channels else []) + ([pupil_center] if self.pupil_channels else [])
+        block = self._input_block()
+        x = self._input_conv(video, torch.cat(signals, dim=1) if signals else None)  # (B, C0, T, H', W')
+        x = block.nonlin(block.norm(block.conv_temporal(x)))  # (B, C0, T − t0 + 1, H', W')
+        return self.layers[1:](x)  # (B, C', T − lost, H − lost_px, W − lost_px)
+
+    def _input_conv(self, video: Tensor, signals: Tensor | None) -> Tensor:
+        """The first spatial convolution of ``[video, signals as constant maps]`` (:func:`behavior_as_channels`),
+        computed as the convolution of the video alone plus each signal times its filter's footprint
+        (:func:`constant_maps_footprint`): the same sum, a third of the work with 2 behaviour channels."""
+        conv = self._input_block().conv_spatial
+        v, k = self.video_channels, conv.kernel_size[-1]
+        pad = _same(k, self.padding)
+        stride = (1, self.input_stride, self.input_stride)
+        x = F.conv3d(video, conv.weight[:, :v], conv.bias, stride=stride, padding=pad)  # (B, C0, T, H', W')
+        if signals is None:
+            return x
+        h, w = video.shape[-2:]
+        footprint = constant_maps_footprint(conv.weight[:, v:, 0], h, w, pad[1:], stride[1:])  # (S, C0, H', W')
+        return x + torch.einsum("bst,sohw->bothw", signals.to(x.dtype), footprint.to(x.dtype))  # (B, C0, T, H', W')
 
     def _input_block(self) -> _FactorizedBlock:
         block = self.layers[0]
@@ -134,7 +191,10 @@ class Factorized3dCore(Core):
 
     def output_shape(self, input_shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
         _, t, h, w = input_shape
-        return self.out_channels, t - self._frames_lost, h - self._pixels_lost, w - self._pixels_lost
+        for i, k in enumerate(self._spatial_kernels):
+            pad, stride = (k // 2 if self.padding else 0), (self.input_stride if i == 0 else 1)
+            h, w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        return self.out_channels, t - self._frames_lost, h, w
 
 
 __all__ = ["Factorized3dCore"]
