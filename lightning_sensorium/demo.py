@@ -23,10 +23,13 @@ _CORE = "model.core.init_args."
 #: and fit its schedule to a budget of minutes; the rest of the recipe (loss, optimiser, data mode) is the YAML's.
 #: The faithful models take 10–70 s per batch on 2 cores (BENCHMARKS.md); these 0.5–5 s.
 #:
-#: * Factorized baseline: 8/16/16 channels (not 32/64/128), every 2nd frame (``frame_step: 2``, 40 frames = the
-#:   same 80-frame span at half the cost; the synthetic cells, like the real ones, are slow next to 30 Hz), whole
-#:   trials predicted phase by phase, readout positions sampled closely around μ from the start (σ init 0.1, not
-#:   1.0), learning rate 0.01, one optimizer step per batch instead of per cycle over the mice.
+#: * Factorized baseline: 8/16/16 channels (not 32/64/128), the first layer at spatial stride 2 and every layer
+#:   zero-padded (so the later layers and the readout work on an 18 × 32 grid that covers the whole screen: the
+#:   valid convolutions lose 9 pixels on every side, where many receptive fields lie), every 2nd frame
+#:   (``frame_step: 2``, 40 frames = the same 80-frame span at half the cost; the synthetic cells, like the real
+#:   ones, are slow next to 30 Hz), whole trials predicted phase by phase, readout positions sampled closely around
+#:   μ from the start (σ init 0.1, not 1.0), learning rate 0.01, one optimizer step per batch instead of per cycle
+#:   over the mice.
 #: * GRU baseline: 4 channels × 4 rotations, an 8-channel GRU with 5×5 kernels, ``frame_step: 2``.
 #: * DwiseNeuro: 4 blocks of 16–32 channels, expansion 3, a 128/256 cortex, batches of 8; warm-up and cosine over
 #:   ~200 steps; EMA decay 0.95 (0.999 averages over more steps than the budget has); windows every 15 frames.
@@ -36,6 +39,8 @@ _CORE = "model.core.init_args."
 DEMO_OVERRIDES: dict[str, dict[str, str]] = {
     "experiments/factorized.yaml": {
         _CORE + "hidden_channels": "[8, 16, 16]",
+        _CORE + "padding": "true",
+        _CORE + "input_stride": "2",
         "model.readout.init_args.init_sigma": "0.1",
         "model.accumulate_over_mice": "false",
         "model.optimizer.init_args.lr": "0.01",

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lightning_sensorium.cli import lightning_main, with_defaults
 from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.losses import PoissonLoss
 from lightning_sensorium.models.cores.dwiseneuro import (
+    DepthwiseConv3d,
     DwiseNeuroCore,
     InvertedResidual3d,
     PositionalEncoding3d,
@@ -158,6 +160,44 @@ def test_shortcut_is_nearest_downsampling_and_channel_tiling_plus_batchnorm_only
     assert hasattr(identity, "norm_shortcut")  # the BN is kept even on an identity path, as the original
     layer = ShuffleLayer(4, 8, groups=2)
     assert {n for n, _ in layer.named_parameters() if "shortcut" in n} == {"norm_shortcut.weight", "norm_shortcut.bias"}
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "bias"),
+    [
+        ((1, 3, 3), (1, 1, 1), (0, 1, 1), False),
+        ((1, 3, 3), (1, 2, 2), (0, 1, 1), True),
+        ((5, 1, 1), 1, (2, 0, 0), True),
+    ],
+)
+def test_depthwise_conv3d_runs_2d_and_equals_the_3d_convolution(
+    kernel: tuple[int, int, int],
+    stride: tuple[int, int, int] | int,
+    padding: tuple[int, int, int],
+    bias: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same outputs and gradients (input, weight, bias) as ``nn.Conv3d`` with the same parameters, and the same
+    state dict (odd frame counts and widths would catch a wrong view)."""
+    torch.manual_seed(0)
+    ours = DepthwiseConv3d(6, 6, kernel, stride=stride, padding=padding, groups=6, bias=bias)
+    plain = nn.Conv3d(6, 6, kernel, stride=stride, padding=padding, groups=6, bias=bias)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 6, 7, 9, 11, requires_grad=True)
+    y_plain = plain(x)
+
+    def no_3d(*args: object, **kwargs: object) -> None:
+        raise AssertionError("DepthwiseConv3d fell back to the 3D convolution")
+
+    monkeypatch.setattr(F, "conv3d", no_3d)
+    y_ours = ours(x)
+    torch.testing.assert_close(y_ours, y_plain)
+    params = [x, ours.weight] + ([ours.bias] if bias else [])
+    plain_params = [x, plain.weight] + ([plain.bias] if bias else [])
+    grads_ours = torch.autograd.grad(y_ours.square().sum(), params)
+    grads_plain = torch.autograd.grad(y_plain.square().sum(), plain_params)
+    for a, b in zip(grads_ours, grads_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_channel_shuffle_interleaves_the_groups() -> None:

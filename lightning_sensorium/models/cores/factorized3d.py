@@ -154,7 +154,8 @@ class Factorized3dCore(Core):
             raise ValueError("Factorized3dCore(behavior_channels=True) needs `behavior` (B, 2, T)")
         if self.pupil_channels and pupil_center is None:
             raise ValueError("Factorized3dCore(pupil_channels=True) needs `pupil_center` (B, 2, T)")
-        signals = ([behavior] if self.behavior_channels else []) + ([pupil_center] if self.pupil_channels else [])
+        enabled = ((behavior, self.behavior_channels), (pupil_center, self.pupil_channels))
+        signals = [s for s, on in enabled if on and s is not None]  # checked above: none is missing
         block = self._input_block()
         x = self._input_conv(video, torch.cat(signals, dim=1) if signals else None)  # (B, C0, T, H', W')
         x = block.nonlin(block.norm(block.conv_temporal(x)))  # (B, C0, T − t0 + 1, H', W')
