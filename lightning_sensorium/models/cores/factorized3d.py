@@ -15,13 +15,14 @@ convolution. With the defaults a (3, 80, 36, 64) input becomes (128, 62, 18, 46)
 receptive field is 19 frames × 19 × 19 pixels, and the core is causal — output frame ``k`` sees input frames
 ``k … k + 18`` and belongs to input frame ``k + 18`` (the last).
 
-Differences from the original, none of which changes the 2023 model: only stride 1, ELU, and
-square spatial kernels are offered (the options the benchmark does not use are left out), and the layers are named
-``layers.<i>.{conv_spatial,conv_temporal,norm,nonlin}`` in every layer (the original adds ``_<i>`` to the
-hidden layers' conv names and keeps them under ``features``). One change of *how* it is computed: the behaviour
-channels are constant images, so the first spatial convolution runs on the video channel alone and adds each
-signal times its filter's footprint (:func:`~lightning_sensorium.models.layers.constant_maps_footprint`) — the
-same sum up to float rounding, a third of the first layer's work (the layer that dominates a step).
+Differences from the original, none of which changes the 2023 model: only ELU, square spatial kernels and a stride
+on the first layer alone (``input_stride``; the original's ``stride`` applies to every layer) are offered (the
+options the benchmark does not use are left out), and the layers are named
+``layers.<i>.{conv_spatial,conv_temporal,norm,nonlin}`` in every layer (the original adds ``_<i>`` to the hidden
+layers' conv names and keeps them under ``features``). One change of *how* it is computed: the behaviour channels
+are constant images, so the first spatial convolution runs on the video channel alone and adds each signal times
+its filter's footprint (:func:`~lightning_sensorium.models.layers.constant_maps_footprint`) — the same sum up to
+float rounding with a third of the first layer's multiply-adds.
 """
 
 from __future__ import annotations
@@ -159,12 +160,12 @@ class Factorized3dCore(Core):
         block = self._input_block()
         x = self._input_conv(video, torch.cat(signals, dim=1) if signals else None)  # (B, C0, T, H', W')
         x = block.nonlin(block.norm(block.conv_temporal(x)))  # (B, C0, T − t0 + 1, H', W')
-        return self.layers[1:](x)  # (B, C', T − lost, H − lost_px, W − lost_px)
+        return self.layers[1:](x)  # (B, C', T − lost, H', W'): see output_shape
 
     def _input_conv(self, video: Tensor, signals: Tensor | None) -> Tensor:
         """The first spatial convolution of ``[video, signals as constant maps]`` (:func:`behavior_as_channels`),
         computed as the convolution of the video alone plus each signal times its filter's footprint
-        (:func:`constant_maps_footprint`): the same sum, a third of the work with 2 behaviour channels."""
+        (:func:`constant_maps_footprint`): the same sum, a third of the multiply-adds with 2 behaviour channels."""
         conv = self._input_block().conv_spatial
         v, k = self.video_channels, conv.kernel_size[-1]
         pad = _same(k, self.padding)
