@@ -40,6 +40,12 @@ def _same(kernel: int, padding: bool) -> tuple[int, int, int]:
     return (0, kernel // 2, kernel // 2) if padding else (0, 0, 0)
 
 
+def _int_padding(conv: nn.Conv3d) -> tuple[int, ...]:
+    """The padding of a conv built with a tuple (never a string such as ``"same"`` here)."""
+    assert not isinstance(conv.padding, str)
+    return conv.padding
+
+
 class _FactorizedBlock(nn.Sequential):
     """Spatial ``(1, k, k)`` conv (valid, or zero-padded to keep H × W) → temporal ``(t, 1, 1)`` conv (valid) →
     BatchNorm3d → ELU."""
@@ -116,10 +122,8 @@ class Factorized3dCore(Core):
         if not hidden_channels:
             raise ValueError("hidden_channels needs at least one layer")
         self.video_channels = video_channels
-        self.padding = padding
         if input_stride < 1:
             raise ValueError(f"input_stride must be ≥ 1, got {input_stride}")
-        self.input_stride = input_stride
         self.behavior_channels = behavior_channels
         self.pupil_channels = pupil_channels
         self.spatial_reg_weight = spatial_reg_weight
@@ -139,7 +143,6 @@ class Factorized3dCore(Core):
         self.out_channels = in_channels
         # Valid convolutions shrink each axis by (kernel − 1) per layer.
         self._frames_lost = sum(b.conv_temporal.kernel_size[0] - 1 for b in blocks)
-        self._spatial_kernels = [b.conv_spatial.kernel_size[1] for b in blocks]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -167,14 +170,12 @@ class Factorized3dCore(Core):
         computed as the convolution of the video alone plus each signal times its filter's footprint
         (:func:`constant_maps_footprint`): the same sum, a third of the multiply-adds with 2 behaviour channels."""
         conv = self._input_block().conv_spatial
-        v, k = self.video_channels, conv.kernel_size[-1]
-        pad = _same(k, self.padding)
-        stride = (1, self.input_stride, self.input_stride)
-        x = F.conv3d(video, conv.weight[:, :v], conv.bias, stride=stride, padding=pad)  # (B, C0, T, H', W')
+        v, (_, sh, sw), (_, ph, pw) = self.video_channels, conv.stride, _int_padding(conv)
+        x = F.conv3d(video, conv.weight[:, :v], conv.bias, conv.stride, conv.padding)  # (B, C0, T, H', W')
         if signals is None:
             return x
         h, w = video.shape[-2:]
-        footprint = constant_maps_footprint(conv.weight[:, v:, 0], h, w, pad[1:], stride[1:])  # (S, C0, H', W')
+        footprint = constant_maps_footprint(conv.weight[:, v:, 0], h, w, (ph, pw), (sh, sw))  # (S, C0, H', W')
         return x + torch.einsum("bst,sohw->bothw", signals.to(x.dtype), footprint.to(x.dtype))  # (B, C0, T, H', W')
 
     def _input_block(self) -> _FactorizedBlock:
@@ -193,8 +194,10 @@ class Factorized3dCore(Core):
 
     def output_shape(self, input_shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
         _, t, h, w = input_shape
-        for i, k in enumerate(self._spatial_kernels):
-            pad, stride = (k // 2 if self.padding else 0), (self.input_stride if i == 0 else 1)
+        for block in self.layers:
+            assert isinstance(block, _FactorizedBlock)
+            conv = block.conv_spatial
+            (_, k, _), (_, stride, _), (_, pad, _) = conv.kernel_size, conv.stride, _int_padding(conv)
             h, w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
         return self.out_channels, t - self._frames_lost, h, w
 
