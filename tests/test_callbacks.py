@@ -14,11 +14,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sensorium.callbacks import EMA, CutMix, PlateauRestore
+from lightning_sensorium.callbacks import EMA, BudgetDecay, CutMix, PlateauRestore
 from lightning_sensorium.callbacks.cutmix import cutmix_batch, rand_box
 from lightning_sensorium.cli import lightning_main, with_defaults
 
@@ -488,3 +488,73 @@ def test_plateau_restore_can_reset_decays_on_improvement() -> None:
     lrs, _, stopped, reset = _plateau_run(values, max_decays=1, reset_decays_on_improvement=True)
     assert not stopped and reset.decays == 1  # ViV1T's: each improvement gave the budget back
     assert lrs[-1] == pytest.approx(0.125)
+
+
+# ---------------------------------------------------------------------------------------------------- BudgetDecay
+class LrProbe(Callback):
+    """The learning rate each training batch runs with."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class Halve(Callback):
+    """Halves every rate before batch ``at`` (a stand-in for PlateauRestore's decays)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.at:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] *= 0.5
+
+
+def test_budget_decay_factor_is_flat_then_linear() -> None:
+    cb = BudgetDecay(fraction=0.5, min_ratio=0.1)
+    assert [cb.factor(p) for p in (0.0, 0.3, 0.5)] == [1.0, 1.0, 1.0]
+    assert cb.factor(0.75) == pytest.approx(0.55)
+    assert cb.factor(1.0) == pytest.approx(0.1)
+
+
+def test_budget_decay_over_max_steps_and_composes_with_scaling(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    probe = LrProbe()
+    trainer = _toy_trainer(tmp_path, Halve(at=6), BudgetDecay(fraction=0.5), probe, max_steps=8, limit_train_batches=8)
+    trainer.fit(Toy(), _toy_data())
+    # progress = step / 8; the factor is 1 up to step 4, then (1 − progress) / 0.5; the halving at step 6 stays.
+    expected = [0.2] * 5 + [0.2 * 0.75, 0.1 * 0.5, 0.1 * 0.25]
+    np.testing.assert_allclose(probe.lrs, expected, rtol=1e-6)
+
+
+def test_budget_decay_reads_the_time_budget(tmp_path: Path) -> None:
+    trainer = _toy_trainer(tmp_path, BudgetDecay(fraction=0.3), max_time="00:00:01:00")
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))  # type: ignore[attr-defined]
+    timer.time_elapsed = lambda stage="train": 51.0  # type: ignore[method-assign]
+    timer.time_remaining = lambda stage="train": 9.0  # type: ignore[method-assign]
+    cb = next(c for c in trainer.callbacks if isinstance(c, BudgetDecay))  # type: ignore[attr-defined]
+    assert cb.progress(trainer) == pytest.approx(0.85)
+    assert cb.factor(cb.progress(trainer)) == pytest.approx(0.5)
+
+
+def test_budget_decay_errors_and_state(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fraction"):
+        BudgetDecay(fraction=0.0)
+    with pytest.raises(ValueError, match="min_ratio"):
+        BudgetDecay(min_ratio=1.5)
+    with pytest.raises(ValueError, match="max_time or trainer.max_steps"):
+        _toy_trainer(tmp_path, BudgetDecay()).fit(Toy(), _toy_data())
+
+    class Scheduled(Toy):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.2)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1)}
+
+    with pytest.raises(ValueError, match="model.scheduler"):
+        _toy_trainer(tmp_path, BudgetDecay(), max_steps=4).fit(Scheduled(), _toy_data())
+    cb = BudgetDecay()
+    cb.load_state_dict({"applied": 0.25})
+    assert cb.state_dict() == {"applied": 0.25}

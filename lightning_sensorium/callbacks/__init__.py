@@ -1,8 +1,9 @@
 """Callbacks any model can use from YAML (``trainer.callbacks``)."""
 
+from lightning_sensorium.callbacks.budget import BudgetDecay
 from lightning_sensorium.callbacks.cutmix import CutMix
 from lightning_sensorium.callbacks.ema import EMA
 from lightning_sensorium.callbacks.plateau import PlateauRestore
 from lightning_sensorium.callbacks.prediction_writer import ZarrPredictionWriter
 
-__all__ = ["EMA", "CutMix", "PlateauRestore", "ZarrPredictionWriter"]
+__all__ = ["BudgetDecay", "EMA", "CutMix", "PlateauRestore", "ZarrPredictionWriter"]

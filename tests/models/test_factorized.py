@@ -206,6 +206,20 @@ def test_readout_init_follows_the_original() -> None:
     assert l1.regularizer().item() == pytest.approx(0.1 * 12 * 0.5)
 
 
+def test_feature_init_std_breaks_the_symmetry_of_the_constant_init() -> None:
+    info = make_neurons(500)
+    torch.manual_seed(0)
+    noisy = GaussianReadout((4, 5, 5), info, feature_init_std=0.25)
+    w = noisy.features.detach()
+    assert w.shape == (1, 4, 1, 500)
+    assert abs(w.mean().item() - 0.25) < 0.02  # centred on the original's 1/C
+    assert abs(w.std().item() - 0.25) < 0.02
+    torch.manual_seed(0)
+    assert torch.equal(GaussianReadout((4, 5, 5), info, feature_init_std=0.25).features, noisy.features)  # seeded
+    with pytest.raises(ValueError, match="feature_init_std"):
+        GaussianReadout((4, 5, 5), info, feature_init_std=-0.1)
+
+
 def test_laplace_regularisers_match_hand_computation() -> None:
     # Laplace [[0,-1,0],[-1,4,-1],[0,-1,0]] with zero padding on a 3×3 filter of ones:
     # centre 4−4 = 0, edge middles 4−3 = 1, corners 4−2 = 2 → Σ(L∗w)² = 4·1 + 4·4 = 20, Σw² = 9.

@@ -54,6 +54,9 @@ class GaussianReadout(Readout):
         grid_hidden_features: hidden units of the position MLP.
         bias: learn a per-neuron bias.
         feature_reg_weight: weight of the L1 (sum) penalty on the feature weights (0 in every 2023 model).
+        feature_init_std: the feature weights start at ``1/C`` plus Gaussian noise of this std. 0 (the original's
+            constant init) gives every core channel the same gradient from every neuron at the first step, a
+            symmetry the core leaves only slowly (a plateau in the demo's learning curves); the demo uses ``1/C``.
     """
 
     source_grid: Tensor  # (N, 2) normalised cortical x, y (buffer)
@@ -66,8 +69,11 @@ class GaussianReadout(Readout):
         grid_hidden_features: int = 30,
         bias: bool = True,
         feature_reg_weight: float = 0.0,
+        feature_init_std: float = 0.0,
     ) -> None:
         super().__init__(in_shape, neurons)
+        if feature_init_std < 0:
+            raise ValueError(f"feature_init_std must be ≥ 0, got {feature_init_std}")
         if init_sigma <= 0:
             raise ValueError(f"init_sigma must be positive, got {init_sigma}")
         c, n = self.in_shape[0], self.num_neurons
@@ -78,6 +84,9 @@ class GaussianReadout(Readout):
         )
         self.sigma = nn.Parameter(torch.empty(1, n, 2, 2).uniform_(-init_sigma, init_sigma))  # (1, N, 2, 2)
         self.features = nn.Parameter(torch.full((1, c, 1, n), 1.0 / c))  # (1, C, 1, N)
+        if feature_init_std > 0:
+            with torch.no_grad():
+                self.features.add_(torch.randn_like(self.features), alpha=feature_init_std)
         if bias:
             mean = torch.as_tensor(np.asarray(neurons.mean_responses), dtype=torch.float32).reshape(n)
             self.bias: nn.Parameter | None = nn.Parameter(mean.clone())  # (N,)
