@@ -56,7 +56,7 @@ class GaussianReadout(Readout):
         feature_reg_weight: weight of the L1 (sum) penalty on the feature weights (0 in every 2023 model).
         feature_init_std: the feature weights start at ``1/C`` plus Gaussian noise of this std. 0 (the original's
             constant init) gives every core channel the same gradient from every neuron at the first step, a
-            symmetry the core leaves only slowly (a plateau in the demo's learning curves); the demo uses ``1/C``.
+            symmetry the core leaves only slowly (a plateau in the demo's learning curves; ``1/C`` removes it).
     """
 
     source_grid: Tensor  # (N, 2) normalised cortical x, y (buffer)
