@@ -1,0 +1,139 @@
+"""Which parts of the synthetic ground truth carry the response variance a model has to predict.
+
+For the ``final_test_main`` trials of one synthetic mouse, recomputes the generator's noiseless responses (the
+calcium-observed rates) with one part of the ground-truth model switched off, and reports the correlation of each
+ablated trace with the full one (per neuron over frames 50 onwards, averaged over neurons and trials). A part
+whose ablation leaves the correlation near 1 explains little of the within-trial variance; the lower it drops, the
+more a model loses by not capturing it. The parts are those of ``lightning_sensorium.data.digital_twin``:
+
+* ``no_gaze``: RFs fixed at their resting position (no eye movements),
+* ``no_behaviour_gain``: gain 1 (running speed and pupil size ignored),
+* ``exponent_1``: a linear output nonlinearity (``d^p`` → ``d``, at about the same scale),
+* ``pool_constant`` / ``pool_global``: the normalisation pool replaced by its mean / by its frame mean,
+* ``gain_only``: the behaviour gain alone (no stimulus drive at all).
+
+    python benchmarks/ground_truth_ablation.py [--data data/synthetic] [--mouse SESSION] [--trials 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lightning_sensorium.data import digital_twin as twin
+from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
+
+Rates = Callable[[twin.FeatureBank, np.ndarray, np.ndarray], np.ndarray]
+
+
+def load_parameters(release: Path, session: str) -> twin.NeuronParameters:
+    """The saved ground-truth parameters of ``session`` (``ground_truth/<session>/neurons/<field>.npy``)."""
+    folder = release / GROUND_TRUTH_DIR / session / "neurons"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no ground-truth neurons (is {release} a synthetic release?)")
+    fields = [f.name for f in dataclasses.fields(twin.NeuronParameters)]
+    return twin.NeuronParameters(**{name: np.load(folder / f"{name}.npy") for name in fields})
+
+
+def ablations(params: twin.NeuronParameters) -> dict[str, Rates]:
+    """``name → (bank, behavior (T, 2), pupil_center (T, 2)) → 15 Hz rate (N, S)``: the generator's own
+    :func:`~lightning_sensorium.data.digital_twin.step_rates` (``full``) and each ablation of it."""
+
+    def full(bank: twin.FeatureBank, behavior: np.ndarray, center: np.ndarray) -> np.ndarray:
+        return twin.step_rates(bank, params, behavior, center)
+
+    def no_gaze(bank: twin.FeatureBank, behavior: np.ndarray, center: np.ndarray) -> np.ndarray:
+        resting = np.broadcast_to(params.eye_reference, center.shape)  # the eye never leaves its resting position
+        return twin.step_rates(bank, params, behavior, resting)
+
+    def no_behaviour_gain(bank: twin.FeatureBank, behavior: np.ndarray, center: np.ndarray) -> np.ndarray:
+        return full(bank, behavior, center) / twin.behaviour_gain(params, behavior)  # the gain is a factor
+
+    # d instead of d^p, divided by the p-th root of the calibrated mean of d^p: about the same scale.
+    linear = dataclasses.replace(
+        params, exponent=np.ones_like(params.exponent), drive_mean=params.drive_mean ** (1 / params.exponent)
+    )
+
+    def exponent_1(bank: twin.FeatureBank, behavior: np.ndarray, center: np.ndarray) -> np.ndarray:
+        return twin.step_rates(bank, linear, behavior, center)
+
+    def pooled(pool: Callable[[np.ndarray], np.ndarray]) -> Rates:
+        def f(bank: twin.FeatureBank, behavior: np.ndarray, center: np.ndarray) -> np.ndarray:
+            replaced = twin.FeatureBank(bank.quadrature, np.ascontiguousarray(pool(bank.pool), dtype=np.float32))
+            return twin.step_rates(replaced, params, behavior, center)
+
+        return f
+
+    def gain_only(bank: twin.FeatureBank, behavior: np.ndarray, center: np.ndarray) -> np.ndarray:
+        return params.target_mean[:, None] * twin.behaviour_gain(params, behavior)
+
+    return {
+        "full": full,
+        "no_gaze": no_gaze,
+        "no_behaviour_gain": no_behaviour_gain,
+        "exponent_1": exponent_1,
+        "pool_constant": pooled(lambda q: np.full_like(q, q.mean())),  # (h, w, S) pool → its mean
+        "pool_global": pooled(lambda q: np.broadcast_to(q.mean((0, 1), keepdims=True), q.shape)),  # frame means
+        "gain_only": gain_only,
+    }
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over neurons of the correlation over time of ``a`` and ``b`` ``(N, T)``; constant neurons count 0."""
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    return float(((a * b).sum(1) / (np.sqrt((a * a).sum(1) * (b * b).sum(1)) + 1e-8)).mean())
+
+
+def load_trial(folder: Path, trial: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(video (T, H, W) grey levels, behavior (T, 2), pupil_center (T, 2))`` of one release trial, cut to its
+    length (the video's last valid frame is partly NaN in the release: filled with the mean grey)."""
+    video = np.load(folder / "data" / "videos" / f"{trial}.npy")  # (H, W, T_pad), NaN after the trial
+    length = int(np.isfinite(video[-1, -1]).sum())
+    frames = np.nan_to_num(video[..., :length].transpose(2, 0, 1), nan=twin.VIDEO_MEAN)  # (T, H, W)
+    behavior = np.load(folder / "data" / "behavior" / f"{trial}.npy")[:, :length].T  # (T, 2)
+    center = np.load(folder / "data" / "pupil_center" / f"{trial}.npy")[:, :length].T  # (T, 2)
+    return frames, behavior, center
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("data/synthetic"), help="synthetic release folder")
+    parser.add_argument("--mouse", default=None, help="session folder name (default: the first one)")
+    parser.add_argument("--trials", type=int, default=6, help="final_test_main trials to use")
+    parser.add_argument("--skip", type=int, default=50, help="leading frames left out, as the metrics do")
+    args = parser.parse_args(argv)
+    sessions = sorted(p.name for p in args.data.iterdir() if p.is_dir() and p.name != GROUND_TRUTH_DIR)
+    if not sessions:
+        raise SystemExit(f"{args.data}: no session folders")
+    session = args.mouse or sessions[0]
+    params = load_parameters(args.data, session)
+    folder = args.data / session
+    tiers = np.load(folder / "meta" / "trials" / "tiers.npy")
+    trials = [i for i, t in enumerate(tiers) if t == "final_test_main"][: args.trials]
+    variants = ablations(params)
+    scores: dict[str, list[float]] = {name: [] for name in variants if name != "full"}
+    for i in trials:
+        frames, behavior, center = load_trial(folder, i)
+        bank = twin.feature_bank(frames)
+
+        def observed(rate: np.ndarray, length: int = len(frames), seed: int = i) -> np.ndarray:
+            # The noiseless half of `observe`; the same seed gives every variant the same scan phase.
+            rates, _ = twin.observe(rate, params, length, np.random.default_rng(seed))
+            return rates[:, args.skip :]  # (N, T − skip)
+
+        full = observed(variants["full"](bank, behavior, center))
+        for name in scores:
+            scores[name].append(correlation(full, observed(variants[name](bank, behavior, center))))
+    means = {name: float(np.mean(values)) for name, values in scores.items()}
+    print(f"{session}: {len(trials)} final_test_main trials, corr(full, ablated) per neuron, frames {args.skip}+")
+    for name, value in means.items():
+        print(f"  {name:<18} {value:.3f}")
+    return means
+
+
+if __name__ == "__main__":
+    main()

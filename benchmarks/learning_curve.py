@@ -1,0 +1,136 @@
+"""Learning curve in wall time: corr(prediction, noiseless rates) on held-out synthetic trials while a model trains.
+
+Builds the model and data of an experiment config exactly as ``lightning fit`` would (the same overrides after the
+config), then trains it with a plain loop — no Lightning Trainer, no validation — for ``--budget`` seconds, and every
+``--every`` seconds scores it on the first ``--trials`` oracle trials per mouse (excluded from the clock):
+
+* ``r``: correlation of the prediction with the generator's noiseless rates (per neuron over frames 50+, per mouse
+  over the pooled trials, then averaged over mice): how close the model is to the ground truth,
+* ``y``: the same against the recorded responses,
+* ``pos``: correlation of each readout's positions with the true receptive-field centres (x, y; Gaussian readouts).
+
+The BENCHMARKS.md sections on the factorized demo recipe compare such curves side by side (one run at a time).
+
+    python benchmarks/learning_curve.py --budget 300 --every 50 --config experiments/factorized.yaml \\
+        [--schedule constant|cosine|decay] [--decay-fraction 0.3] [--out curve.json] -- <lightning options>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_sensorium.cli import lightning_main, with_defaults
+from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over neurons of the correlation over time of ``a`` and ``b`` ``(N, T)``; constant neurons count 0."""
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    return float(((a * b).sum(1) / (np.sqrt((a * a).sum(1) * (b * b).sum(1)) + 1e-8)).mean())
+
+
+def score(module: Any, batches: list[dict[str, Any]], release: Path, skip: int = 50) -> dict[str, Any]:
+    """``r``, ``y`` and ``pos`` (see the module docstring) of ``module`` on ``batches`` of whole trials."""
+    module.eval()
+    per_mouse: dict[str, list[tuple[np.ndarray, ...]]] = {}
+    with torch.no_grad():
+        for b in batches:
+            p = module.predict_full(b)  # (B, N, T)
+            for i in range(p.shape[0]):
+                sl = slice(skip, int(b["length"][i]))
+                trial = (p[i, :, sl].numpy(), b["rates"][i, :, sl].numpy(), b["responses"][i, :, sl].numpy())
+                per_mouse.setdefault(b["mouse_id"], []).append(trial)
+    module.train()
+    r, y = [], []
+    for trials in per_mouse.values():
+        pred, rates, resp = (np.concatenate([t[k] for t in trials], axis=1) for k in range(3))  # (N, ΣT)
+        r.append(correlation(pred, rates))
+        y.append(correlation(pred, resp))
+    out: dict[str, Any] = {"r": float(np.mean(r)), "y": float(np.mean(y))}
+    positions = []
+    for mouse, readout in module._require_encoder().readouts.items():
+        truth = release / GROUND_TRUTH_DIR / mouse / "neurons" / "rf_center.npy"
+        if hasattr(readout, "grid_predictor") and truth.exists():
+            with torch.no_grad():
+                mu = readout.grid_predictor(readout.source_grid).numpy()  # (N, 2) normalised x, y
+            rf = np.load(truth)  # (N, 2) half-resolution px x, y
+            positions.append([np.corrcoef(mu[:, k], rf[:, k])[0, 1] for k in (0, 1)])
+    if positions:
+        out["pos"] = np.round(np.mean(positions, axis=0), 3).tolist()
+    return out
+
+
+def factor(schedule: str, progress: float, fraction: float) -> float:
+    """Learning-rate factor at ``progress`` ∈ [0, 1] of the budget."""
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "decay":  # constant, then linear to 0 over the last `fraction` (as callbacks.BudgetDecay)
+        return min(1.0, (1 - progress) / fraction)
+    return 1.0
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML (after experiments/defaults.yaml)")
+    parser.add_argument("--budget", type=float, default=300.0, help="training seconds")
+    parser.add_argument("--every", type=float, default=50.0, help="seconds between scores")
+    parser.add_argument("--schedule", choices=["constant", "cosine", "decay"], default="constant")
+    parser.add_argument("--decay-fraction", type=float, default=0.3, help="share of the budget `decay` spends")
+    parser.add_argument("--trials", type=int, default=4, help="oracle trials per mouse to score on")
+    parser.add_argument("--data", default="data/stores", help="stores of synthetic mice")
+    parser.add_argument("--release", type=Path, default=Path("data/synthetic"), help="their synthetic release")
+    parser.add_argument("--out", type=Path, default=None, help="write the curve as JSON here")
+    parser.add_argument("overrides", nargs="*", help="lightning options after --, e.g. --data.batch_size 4")
+    args = parser.parse_args(argv)
+    if not 0 < args.decay_fraction <= 1:
+        parser.error(f"--decay-fraction {args.decay_fraction}: expected a share in (0, 1]")
+    cli = lightning_main(with_defaults(["--config", args.config, "--data.root", args.data, *args.overrides]), run=False)
+    module, dm = cli.model, cli.datamodule
+    dm.setup("fit")
+    optimizers = module.configure_optimizers()
+    optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
+    base = [g["lr"] for g in optimizer.param_groups]
+    batches = list(dm.trial_loader(["oracle"], max_trials=args.trials))
+    if not batches or "rates" not in batches[0]:
+        raise SystemExit(f"{args.data}: no oracle trials with ground-truth rates (a synthetic tree is needed)")
+    curve, step, next_score = [], 0, args.every
+    loader = iter(dm.train_dataloader())
+    start = time.perf_counter()
+    while True:
+        try:
+            batch = next(loader)
+        except StopIteration:
+            loader = iter(dm.train_dataloader())
+            batch = next(loader)
+        module.training_step(batch, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step += 1
+        elapsed = time.perf_counter() - start
+        scale = factor(args.schedule, min(elapsed / args.budget, 1.0), args.decay_fraction)
+        for group, lr in zip(optimizer.param_groups, base, strict=True):
+            group["lr"] = lr * scale
+        if elapsed >= next_score or elapsed >= args.budget:
+            paused = time.perf_counter()
+            point = {"t": round(elapsed), "step": step, **score(module, batches, args.release)}
+            start += time.perf_counter() - paused  # scoring is not training time
+            curve.append(point)
+            print(json.dumps(point), flush=True)
+            next_score += args.every
+            if elapsed >= args.budget:
+                break
+    if args.out is not None:
+        args.out.write_text(json.dumps(curve, indent=1))
+    return curve
+
+
+if __name__ == "__main__":
+    main()

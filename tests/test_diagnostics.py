@@ -1,0 +1,98 @@
+"""The ground-truth diagnostics under ``benchmarks/`` on tiny synthetic mice: ablation, checkpoint diagnosis and
+learning curve."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from lightning_sensorium.data import digital_twin as twin
+from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
+from tests.conftest import sessions
+from tests.test_evaluate import TINY_FIT, fitted
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ablation = _script("ground_truth_ablation")
+diagnose = _script("diagnose_checkpoint")
+curve = _script("learning_curve")
+
+
+def test_ablation_full_model_reproduces_the_saved_rates(tiny_release: Path) -> None:
+    """The script's trial loading + ``full`` variant + observation give the generator's saved noiseless rates (up to
+    the random scan phase, which the script fixes per trial), and each ablation changes them."""
+    folder = sessions(tiny_release)[0]
+    params = ablation.load_parameters(tiny_release, folder.name)
+    tiers = np.load(folder / "meta" / "trials" / "tiers.npy")
+    trial = int(np.flatnonzero(tiers == "final_test_main")[0])
+    frames, behavior, center = ablation.load_trial(folder, trial)
+    saved = np.load(tiny_release / GROUND_TRUTH_DIR / folder.name / "rates" / f"{trial}.npy")[:, : len(frames)]
+    variants = ablation.ablations(params)
+    bank = twin.feature_bank(frames)
+    rates, _ = twin.observe(variants["full"](bank, behavior, center), params, len(frames), np.random.default_rng(0))
+    assert ablation.correlation(rates[:, 50:], saved[:, 50:]) > 0.97
+    full = variants["full"](bank, behavior, center)
+    np.testing.assert_allclose(
+        variants["no_behaviour_gain"](bank, behavior, center) * twin.behaviour_gain(params, behavior), full, rtol=1e-6
+    )
+    for name in ("no_gaze", "exponent_1", "gain_only"):
+        assert not np.allclose(variants[name](bank, behavior, center), full), name
+
+
+def test_ablation_script_and_errors(tiny_release: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scores = ablation.main(["--data", str(tiny_release), "--trials", "1"])
+    assert set(scores) == {"no_gaze", "no_behaviour_gain", "exponent_1", "pool_constant", "pool_global", "gain_only"}
+    assert all(-1 <= v <= 1 for v in scores.values())
+    assert scores["no_behaviour_gain"] > scores["gain_only"]  # the stimulus carries more than the gain
+    assert "no_gaze" in capsys.readouterr().out
+    (tmp_path / "m0").mkdir()
+    with pytest.raises(FileNotFoundError, match="no ground-truth neurons"):
+        ablation.load_parameters(tmp_path, "m0")
+
+
+def test_band_split_adds_up() -> None:
+    """The frequency bands partition the spectrum: their sum is the signal minus its mean (Nyquist included)."""
+    x = np.random.default_rng(0).normal(size=(3, 200))
+    total = sum(diagnose.band(x, lo, hi) for lo, hi in diagnose.BANDS_HZ)
+    np.testing.assert_allclose(total, x - x.mean(-1, keepdims=True), atol=1e-10)
+
+
+def test_diagnose_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_stores: Path, tiny_release: Path) -> None:
+    ckpt = fitted(tmp_path_factory, tiny_stores)["checkpoints"][0]
+    args = [ckpt, "--data", str(tiny_stores), "--release", str(tiny_release), "--trials", "2", "--skip", "55"]
+    results = diagnose.main(args)
+    assert -1 <= results["overall"] <= 1
+    assert set(results["lags"]) == set(diagnose.LAGS)
+    assert [b["hz"] for b in results["bands"]] == list(diagnose.BANDS_HZ)
+    assert all(b["power_rates"] > 0 for b in results["bands"])
+    shifter = results["shifter"]  # the factorized baseline has shifters
+    assert set(shifter["corr"]) == {s.name for s in sessions(tiny_release)}
+    assert -1 <= shifter["linear_ground_truth"] <= 1 and -1 <= shifter["constant"] <= 1
+
+
+def test_learning_curve(tiny_stores: Path, tiny_release: Path, tmp_path: Path) -> None:
+    out = tmp_path / "curve.json"
+    args = ["--config", str(EXPERIMENTS / "factorized.yaml"), "--budget", "2", "--every", "1", "--trials", "2"]
+    args += ["--schedule", "decay", "--data", str(tiny_stores), "--release", str(tiny_release), "--out", str(out)]
+    points = curve.main([*args, "--", "--trainer.logger", "false", "--data.frames", "24", *TINY_FIT[:2]])
+    assert points == json.loads(out.read_text())
+    assert len(points) >= 2 and points[-1]["t"] >= 2
+    assert [p["step"] for p in points] == sorted(p["step"] for p in points) and points[0]["step"] >= 1
+    assert all(np.isfinite(p["r"]) and np.isfinite(p["y"]) and len(p["pos"]) == 2 for p in points)
+    assert curve.factor("decay", 0.5, 0.3) == 1.0 and curve.factor("decay", 0.85, 0.3) == pytest.approx(0.5)
+    assert curve.factor("cosine", 1.0, 0.3) == pytest.approx(0.0)
