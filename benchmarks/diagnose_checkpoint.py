@@ -4,6 +4,8 @@ Predicts the first ``--trials`` trials per mouse of a tier with a checkpoint and
 generator's noiseless rates (``rates`` in the batches of a synthetic tree; correlations per neuron over frames
 ``--skip`` onwards, averaged over neurons and trials):
 
+* for a model trained without ``data.response_scale``: the correlation of its predictions times the per-frame
+  response scale (the official targets' gain per neuron and frame, from the release's per-frame statistics),
 * the correlation with the predictions shifted by a few frames (a timing error peaks away from 0),
 * the correlation and the power of prediction and rates in temporal frequency bands (a model that only gets the
   slow part right has a falling correlation and a vanishing power ratio at high frequencies),
@@ -146,6 +148,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         k: float(np.mean([correlation(p[:, m + k : p.shape[1] - m + k], r[:, m : r.shape[1] - m]) for p, r in pairs]))
         for k in LAGS
     }
+    if dm.normalization == "official" and not dm.response_scale:  # what `data.response_scale` would add
+        scales = [
+            dm.normalizers[b["mouse_id"]].relative_precision[args.skip : int(length)].T  # (N, L − skip)
+            for b in batches
+            for length in b["length"]
+        ]
+        results["times_response_scale"] = float(
+            np.mean([correlation(p * s, r) for (p, r), s in zip(pairs, scales, strict=True)])
+        )
+        print(f"  × per-frame response scale (data.response_scale) {results['times_response_scale']:.3f}")
     results["lags"] = lagged
     print("  prediction shifted by k frames: " + ", ".join(f"{k:+d}: {v:.3f}" for k, v in lagged.items()))
     for lo, hi in BANDS_HZ:

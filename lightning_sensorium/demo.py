@@ -29,7 +29,9 @@ _CORE = "model.core.init_args."
 #:   (``frame_step: 2``, 40 frames = the same 80-frame span at half the cost; the synthetic cells, like the real
 #:   ones, are slow next to 30 Hz), whole trials predicted phase by phase, readout positions sampled closely around
 #:   μ from the start (σ init 0.1, not 1.0), learning rate 0.01, one optimizer step per batch instead of per cycle
-#:   over the mice.
+#:   over the mice, and the per-frame response scale (``data.response_scale``: the official targets carry a gain per
+#:   neuron and frame from the release's per-frame statistics, which the model cannot see in the video; it trains on
+#:   the targets divided by it and its predictions are multiplied by it).
 #: * GRU baseline: 4 channels × 4 rotations, an 8-channel GRU with 5×5 kernels, ``frame_step: 2``.
 #: * DwiseNeuro: 4 blocks of 16–32 channels, expansion 3, a 128/256 cortex, batches of 8; warm-up and cosine over
 #:   ~200 steps; EMA decay 0.95 (0.999 averages over more steps than the budget has); windows every 15 frames.
@@ -46,6 +48,7 @@ DEMO_OVERRIDES: dict[str, dict[str, str]] = {
         "model.optimizer.init_args.lr": "0.01",
         "data.frame_step": "2",
         "data.frames": "40",
+        "data.response_scale": "true",
     },
     "experiments/gru.yaml": {
         _CORE + "hidden_channels": "4",

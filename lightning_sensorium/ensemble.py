@@ -78,8 +78,8 @@ class EnsembleModule(L.LightningModule):
             members.append(SensoriumModule.load_from_checkpoint(path, map_location="cpu"))
         first = hparams[0]
         for path, hp in zip(files[1:], hparams[1:], strict=True):
-            for key in ("normalization",):
-                if hp.get(key, "official") != first.get(key, "official"):
+            for key, default in (("normalization", "official"), ("response_scale", False)):
+                if hp.get(key, default) != first.get(key, default):
                     raise ValueError(
                         f"--ckpt_path: {path} was trained with data.{key}={hp.get(key)!r} but {files[0]} with "
                         f"{first.get(key)!r}; ensemble members must see the same inputs and predict the same scale"

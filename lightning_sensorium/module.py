@@ -199,7 +199,8 @@ class SensoriumModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, batch: Mapping[str, Any]) -> Tensor:
-        """Predicted responses ``(B, N, T_out)`` aligned to the last ``T_out`` frames of ``batch['video']``."""
+        """Predicted responses ``(B, N, T_out)`` aligned to the last ``T_out`` frames of ``batch['video']`` (before
+        the ``response_scale`` that :meth:`predict_full` applies)."""
         encoder = self._require_encoder()
         return encoder(
             batch["video"], batch["mouse_id"], behavior=batch.get("behavior"), pupil_center=batch.get("pupil_center")
@@ -211,7 +212,16 @@ class SensoriumModule(L.LightningModule):
         The whole trial goes through the model in one pass, or, with ``eval_window``, window by window. Trials
         shorter than the batch (``length``; zero-padded by the loader) are predicted in groups of equal length,
         cut to it: a non-causal core (ViViT, DwiseNeuro, Swin) would otherwise see the padding, and the last
-        sliding window must end at each trial's own last frame."""
+        sliding window must end at each trial's own last frame.
+
+        A batch with a ``response_scale`` ``(B, N, T)`` (``data.response_scale``) has its predictions multiplied by
+        it, frame by frame: the model predicts a scale that is constant in time, the official targets' scale is not."""
+        scale = batch.get("response_scale")
+        pred = self._predict_lengths(batch)  # (B, N, T)
+        return pred if scale is None else pred * scale.to(pred.dtype)
+
+    def _predict_lengths(self, batch: Mapping[str, Any]) -> Tensor:
+        """:meth:`predict_full` before the response scale."""
         t = batch["video"].shape[2]
         if batch.get("length") is None:
             return self._predict_trials(batch)
@@ -365,7 +375,7 @@ class SensoriumModule(L.LightningModule):
         if not isinstance(mouse, str):
             return self._mixed_training_step(batch)
         pred = self(batch)  # (B, N, T_out)
-        target = batch["responses"][..., -pred.shape[-1] :]  # (B, N, T_out)
+        target = _unscaled(batch["responses"], batch.get("response_scale"))[..., -pred.shape[-1] :]  # (B, N, T_out)
         loss = self.loss_fn(pred, target, None, self.dataset_sizes.get(mouse, pred.shape[0]))
         reg = self._require_encoder().regularizer(mouse)
         total = loss + reg
@@ -388,11 +398,16 @@ class SensoriumModule(L.LightningModule):
             sub = [None if x is None else x[idx] for x in (behavior, pupil)]
             return model.read(feats[idx], mouse, sub[0], sub[1])  # (b, N_mouse, T')
 
+        scales = batch.get("response_scale")  # B × (N_mouse, T) or None
+        responses = [
+            _unscaled(r, None if scales is None else scales[i]) for i, r in enumerate(batch["responses"])
+        ]  # B × (N_mouse, T)
+
         loss = torch.zeros((), device=self.device)
         reg = encoder.core.regularizer()
         for mouse in sorted(set(mice)):
             idx = [i for i, m in enumerate(mice) if m == mouse]
-            target = torch.stack([batch["responses"][i] for i in idx])[..., -t_out:]  # (b, N, T')
+            target = torch.stack([responses[i] for i in idx])[..., -t_out:]  # (b, N, T')
             size = self.dataset_sizes.get(mouse, len(idx))
             loss = loss + self.loss_fn(read(encoder, features, idx, mouse), target, None, size, batch_size=len(mice))
             reg = reg + encoder.readouts[mouse].regularizer()
@@ -615,6 +630,12 @@ def _model_inputs(batch: Mapping[str, Any], frames: slice, rows: Tensor | None =
             x = batch[key] if rows is None else batch[key][rows]
             sub[key] = x[:, :, frames]
     return sub
+
+
+def _unscaled(responses: Tensor, scale: Tensor | None) -> Tensor:
+    """Official-scale ``responses (..., N, T)`` divided by their ``response_scale`` (same shape; > 0 everywhere):
+    each neuron's responses on one scale for all frames, ``raw × mean precision`` (``data.response_scale``)."""
+    return responses if scale is None else responses / scale.to(responses.dtype)
 
 
 def check_neurons_match(saved: Mapping[str, NeuronInfo], current: Mapping[str, NeuronInfo]) -> None:

@@ -77,6 +77,7 @@ def test_diagnose_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_stor
     args = [ckpt, "--data", str(tiny_stores), "--release", str(tiny_release), "--trials", "2", "--skip", "55"]
     results = diagnose.main(args)
     assert -1 <= results["overall"] <= 1
+    assert -1 <= results["times_response_scale"] <= 1  # trained without data.response_scale
     assert set(results["lags"]) == set(diagnose.LAGS)
     assert [b["hz"] for b in results["bands"]] == list(diagnose.BANDS_HZ)
     assert all(b["power_rates"] > 0 for b in results["bands"])

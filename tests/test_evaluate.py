@@ -156,3 +156,15 @@ def test_evaluate_rejects_bad_options(fits: dict[str, Any], tmp_path: Path) -> N
     assert main(["evaluate", "--ckpt_path", ckpt, "--tiers", "validation", "--accelerator", "cpu"]) == 2
     assert main(["evaluate", "--ckpt_path", ckpt, str(tmp_path / "missing.ckpt"), "--accelerator", "cpu"]) == 2
     assert main(["evaluate", "--ckpt_path", ckpt, "--max-trials", "0", "--accelerator", "cpu"]) == 2
+
+
+def test_ensemble_members_must_agree_on_the_data_scale(fits: dict[str, Any], tmp_path: Path) -> None:
+    """Members trained with and without ``data.response_scale`` (or another normalisation) are refused."""
+    first = fits["checkpoints"][0]
+    for key, value in (("response_scale", True), ("normalization", "raw")):
+        ckpt = torch.load(first, map_location="cpu", weights_only=False)
+        ckpt["datamodule_hyper_parameters"][key] = value
+        other = tmp_path / f"{key}.ckpt"
+        torch.save(ckpt, other)
+        with pytest.raises(ValueError, match=f"data.{key}="):
+            EnsembleModule.from_checkpoints([first, other])

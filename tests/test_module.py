@@ -210,3 +210,34 @@ def _check_short_trial(m: SensoriumModule) -> None:
     first = {k: (v[:1] if isinstance(v, Tensor) and v.dim() > 1 else v) for k, v in x.items()}
     first.pop("length")
     torch.testing.assert_close(pred[:1], m.predict_full(first), equal_nan=True)
+
+
+@torch.no_grad()
+def test_response_scale_multiplies_predictions_and_divides_training_targets() -> None:
+    """A batch's ``response_scale`` (B, N, T) multiplies every prediction frame by frame (in one pass, phase by
+    phase at frame step 2, window by window); training divides the targets by it instead, per mouse and mixed."""
+    x = batch(t=41)
+    scale = 0.5 + torch.rand(2, 5, 41, generator=torch.Generator().manual_seed(3))  # (B, N, T)
+    cases = [
+        module(Factorized3dCore(hidden_channels=(3, 3))),
+        module(Factorized3dCore(hidden_channels=(3, 3)), frame_step=2),
+        module(FrameCore(), eval_window=4, frame_step=2, eval_stride=3),
+    ]
+    for m in cases:
+        plain, scaled = m.predict_full(x), m.predict_full({**x, "response_scale": scale})
+        ok = torch.isfinite(plain)
+        assert ok.any() and torch.equal(ok, torch.isfinite(scaled))
+        torch.testing.assert_close(scaled[ok], (plain * scale)[ok])
+    m = module(FrameCore(), loss=PoissonLoss(reduction="sum", scale_by_dataset=False))
+    y = torch.rand(2, 5, 41, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(
+        m.training_step({**x, "responses": y, "response_scale": scale}, 0),
+        m.training_step({**x, "responses": y / scale}, 0),
+    )
+    m = module(FrameCore(), loss=PoissonLoss(reduction="sample_mean", scale_by_dataset=False))
+    mixed = mixed_batch()
+    scales = [torch.full_like(r, 2.0) for r in mixed["responses"]]  # type: ignore[attr-defined]
+    halved = {**mixed, "responses": [r / 2 for r in mixed["responses"]]}  # type: ignore[attr-defined]
+    torch.testing.assert_close(
+        m._mixed_training_step({**mixed, "response_scale": scales}), m._mixed_training_step(halved)
+    )

@@ -72,6 +72,28 @@ def test_official_normalisation(tiny_stores: Path) -> None:
     np.testing.assert_allclose(raw_dm._read(mouse, 0, 10, 30)["video"][0].numpy(), raw["videos"])
 
 
+def test_response_scale(tiny_stores: Path) -> None:
+    """``data.response_scale``: the official per-frame precision over each neuron's mean, at the batch's frames."""
+    dm = SensoriumDataModule(root=str(tiny_stores), frames=20, frame_step=2, batch_size=2, response_scale=True)
+    mouse = dm.mouse_ids[0]
+    std = dm.stores[mouse].statistics["responses"]["std"]  # (T_pad, N)
+    precision = response_precision(std)
+    finite = np.isfinite(std)
+    relative = precision / np.nanmean(np.where(finite, precision, np.nan), axis=0)  # (T_pad, N)
+    np.testing.assert_allclose(np.nanmean(np.where(finite, relative, np.nan), axis=0), 1.0, rtol=1e-5)
+    assert relative[finite].std() > 0.01  # 12 train trials: the per-frame statistics really vary
+    sample = dm._read(mouse, 0, 10, 49)  # a 20-frame window at step 2 covers frames 10, 12, ..., 48
+    np.testing.assert_allclose(sample["response_scale"].numpy(), relative[10:49:2].T, rtol=1e-5)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["response_scale"].shape == batch["responses"].shape == (2, 24, 20)
+    whole = next(iter(dm.trial_loader(["oracle"])))  # whole trials from frame 0, padded to the longest
+    length = int(whole["length"][0])
+    np.testing.assert_allclose(whole["response_scale"][0, :, :length].numpy(), relative[:length].T, rtol=1e-5)
+    assert "response_scale" not in next(iter(SensoriumDataModule(root=str(tiny_stores), frames=20).train_dataloader()))
+    with pytest.raises(ValueError, match="data.response_scale"):
+        SensoriumDataModule(root=str(tiny_stores), normalization="raw", response_scale=True)
+
+
 def test_eval_batches_cover_each_trial_once(tiny_stores: Path) -> None:
     dm = SensoriumDataModule(root=str(tiny_stores), test_tiers=["oracle", "final_test_bonus"], eval_batch_size=4)
     seen = []

@@ -187,6 +187,14 @@ class SensoriumDataModule(L.LightningDataModule):
         seed: seeds the window sampling (with epoch, rank and worker).
         storage_options: passed to fsspec for URL roots.
         with_ground_truth: add the generator's noiseless ``rates`` to evaluation batches where a store has them.
+        response_scale: add ``response_scale`` ``(B, N, T)`` to every batch (``official`` normalisation only): the
+            per-frame response precision the official scale multiplies each neuron by, over its mean across frames.
+            The release's statistics are per frame, so the scored targets carry a gain per neuron and frame that
+            no stimulus explains. :class:`~lightning_sensorium.module.SensoriumModule` then trains on the targets
+            divided by this factor (each neuron's responses on one scale for all its frames) and multiplies its
+            predictions by it, so they are scored on the official scale (DwiseNeuro trained on raw responses and
+            multiplied its submissions by the per-frame precision, for +0.023:
+            https://github.com/lRomul/sensorium, commit 20fd7a5).
     """
 
     def __init__(
@@ -208,6 +216,7 @@ class SensoriumDataModule(L.LightningDataModule):
         seed: int = 42,
         storage_options: dict[str, Any] | None = None,
         with_ground_truth: bool = True,
+        response_scale: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -236,6 +245,12 @@ class SensoriumDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.with_ground_truth = with_ground_truth
+        if response_scale and normalization != "official":
+            raise ValueError(
+                f"data.response_scale is the official normalisation's per-frame factor; "
+                f"data.normalization is {normalization!r} (use official, or response_scale: false)"
+            )
+        self.response_scale = response_scale
 
         paths = discover_stores(self.root, mice, storage_options)
         # Opening reads only metadata and the small per-trial arrays: cheap enough for __init__, which must
@@ -338,6 +353,9 @@ class SensoriumDataModule(L.LightningDataModule):
         }
         if want_rates:
             sample["rates"] = torch.from_numpy(np.ascontiguousarray(x["rates"].T))  # (N, T)
+        if self.response_scale:
+            scale = self.normalizers[mouse].response_scale(np.arange(start, stop, step))  # (T, N)
+            sample["response_scale"] = torch.from_numpy(np.ascontiguousarray(scale.T))  # (N, T)
         return sample
 
     def _collate(self, samples: list[dict[str, Any]]) -> Batch:
@@ -365,9 +383,13 @@ class SensoriumDataModule(L.LightningDataModule):
             batch["responses"] = torch.stack([pad(s["responses"]) for s in samples])  # (B, N, T)
             if "rates" in samples[0]:
                 batch["rates"] = torch.stack([pad(s["rates"]) for s in samples])  # (B, N, T)
+            if "response_scale" in samples[0]:
+                batch["response_scale"] = torch.stack([pad(s["response_scale"]) for s in samples])  # (B, N, T)
         else:
             batch["mouse_id"] = mice
             batch["responses"] = [pad(s["responses"]) for s in samples]  # B × (N_mouse, T)
+            if "response_scale" in samples[0]:
+                batch["response_scale"] = [pad(s["response_scale"]) for s in samples]  # B × (N_mouse, T)
         return batch
 
     # ------------------------------------------------------------------------------------------------ loaders

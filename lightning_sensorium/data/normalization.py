@@ -10,6 +10,11 @@ statistics of the release (https://github.com/sinzlab/neuralpredictors/blob/main
   constant channel gives 0, not inf);
 * pupil centre: ``(x - mean_p[t]) / std_p[t]``.
 
+The per-frame statistics come from a finite number of train trials, so ``precision[t, n]`` jitters from frame to
+frame, and the official targets carry that gain, which no stimulus explains. :meth:`Normalizer.response_scale`
+gives it relative to each neuron's mean (``data.response_scale``: the module trains on the targets divided by it
+and multiplies its predictions by it).
+
 ``raw`` leaves everything as recorded (DwiseNeuro trains on raw grey levels and ReLU'd raw responses).
 """
 
@@ -51,6 +56,13 @@ class Normalizer:
         for name in ("video_mean", "video_std", "precision", "behavior_scale", "pupil_mean", "pupil_std"):
             arr = getattr(self, name)
             np.nan_to_num(arr, copy=False, nan=0.0 if "mean" in name or "scale" in name else 1.0, posinf=0.0)
+        # Per-frame precision over its mean across the frames that have statistics (each neuron's mean is 1): the
+        # part of the official response scale that changes from frame to frame, which no stimulus explains.
+        finite = np.isfinite(stats["responses"]["std"])  # (T_pad, N)
+        mean_precision = np.nanmean(np.where(finite, self.precision, np.nan), axis=0)  # (N,)
+        self.relative_precision = (self.precision / np.where(mean_precision > 0, mean_precision, 1.0)).astype(
+            np.float32
+        )
         self.video_inv_std = (1.0 / self.video_std).astype(np.float32)
         self.pupil_inv_std = (1.0 / self.pupil_std).astype(np.float32)
 
@@ -75,6 +87,12 @@ class Normalizer:
         out["behavior"] = out["behavior"] * self.behavior_scale[f]
         out["pupil_center"] = (out["pupil_center"] - self.pupil_mean[f]) * self.pupil_inv_std[f]
         return out
+
+    def response_scale(self, frames: np.ndarray) -> np.ndarray:
+        """``(T, N)``: :attr:`relative_precision` at the absolute ``frames`` (official mode only)."""
+        if self.mode != "official":
+            raise ValueError(f"the response scale is the official normalisation's; this normaliser is {self.mode!r}")
+        return self.relative_precision[frames]
 
     def mean_responses(self) -> np.ndarray:
         """Per-neuron mean response over train frames, on the scale the model is trained on."""
