@@ -140,6 +140,25 @@ def test_mixed_batch_partners_are_the_same_mouse() -> None:
         assert int(after["cutmix_partner"][5]) == -1  # the only sample of mouse c stays itself
 
 
+def test_cutmix_mixes_responses_on_one_scale_with_a_response_scale() -> None:
+    """With ``response_scale`` the targets are mixed as ``s_i · ((1 − f) y_i / s_i + f y_j / s_j)``: on each
+    neuron's one scale, then given the receiving sample's per-frame gain (one-mouse and mixed-mouse batches)."""
+    for mice, neurons in (("m", None), (["a", "b", "a", "b", "a", "a"], {"a": 3, "b": 5})):
+        before = _batch(mice, 6, neurons) if neurons else _batch(mice, 6)
+        g = torch.Generator().manual_seed(1)
+        if isinstance(before["responses"], torch.Tensor):
+            before["response_scale"] = 0.5 + torch.rand(before["responses"].shape, generator=g)
+        else:
+            before["response_scale"] = [0.5 + torch.rand(r.shape, generator=g) for r in before["responses"]]
+        after = cutmix_batch(_clone(before), np.random.default_rng(2), prob=1.0)
+        for i, j in enumerate(after["cutmix_partner"].tolist()):
+            f = float(after["cutmix_fraction"][i])
+            y, s = before["responses"], before["response_scale"]
+            want = y[i] if j < 0 else s[i] * ((1 - f) * y[i] / s[i] + f * y[j] / s[j])
+            torch.testing.assert_close(after["responses"][i], want, rtol=1e-5, atol=1e-6)
+        assert (after["cutmix_partner"] >= 0).sum() >= 2
+
+
 def test_cutmix_is_deterministic() -> None:
     cb = CutMix(prob=1.0, seed=7)
     before = _batch("m", 6)

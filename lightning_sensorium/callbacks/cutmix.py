@@ -104,14 +104,19 @@ def cutmix_batch(
         for key in ("behavior", "pupil_center"):
             if key in batch:
                 batch[key] = mix(batch[key])
-    responses = batch["responses"]
+    # Responses are mixed on one scale per neuron: with `data.response_scale` each sample's official targets carry
+    # the gain of its own frames, so they are divided by it, mixed, and given back the receiving sample's gain.
+    responses, scale = batch["responses"], batch.get("response_scale")
     if isinstance(responses, torch.Tensor):
-        batch["responses"] = mix(responses)  # (B, N, T)
+        flat = responses if scale is None else responses / scale  # (B, N, T)
+        batch["responses"] = mix(flat) if scale is None else mix(flat) * scale
     else:  # mixed mice: B × (N_mouse, T); partners share the mouse, hence N
-        batch["responses"] = [
-            r if fraction[i] == 0 else (1 - float(fraction[i])) * r + float(fraction[i]) * responses[int(src[i])]
-            for i, r in enumerate(responses)
+        flat_list = responses if scale is None else [r / g for r, g in zip(responses, scale, strict=True)]
+        mixed = [
+            r if fraction[i] == 0 else (1 - float(fraction[i])) * r + float(fraction[i]) * flat_list[int(src[i])]
+            for i, r in enumerate(flat_list)
         ]
+        batch["responses"] = mixed if scale is None else [r * g for r, g in zip(mixed, scale, strict=True)]
     batch["cutmix_partner"] = torch.from_numpy(np.where(fraction > 0, src, -1))
     batch["cutmix_fraction"] = torch.from_numpy(fraction)
     return batch
