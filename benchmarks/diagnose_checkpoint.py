@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _diagnostics import correlation
 from torch import Tensor, nn
 
 from lightning_sensorium.data import digital_twin as twin
@@ -33,12 +34,6 @@ from lightning_sensorium.ensemble import load_ensemble
 BANDS_HZ = ((0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, 15.0))
 LAGS = (-4, -2, -1, 0, 1, 2, 4)
 FPS = 30.0
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over neurons of the correlation over time of ``a`` and ``b`` ``(N, T)``; constant neurons count 0."""
-    a, b = a - a.mean(-1, keepdims=True), b - b.mean(-1, keepdims=True)
-    return float(((a * b).sum(-1) / (np.sqrt((a * a).sum(-1) * (b * b).sum(-1)) + 1e-8)).mean())
 
 
 def band(x: np.ndarray, lo: float, hi: float) -> np.ndarray:

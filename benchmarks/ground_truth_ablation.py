@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _diagnostics import correlation
 
 from lightning_sensorium.data import digital_twin as twin
 from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
@@ -80,12 +81,6 @@ def ablations(params: twin.NeuronParameters) -> dict[str, Rates]:
         "pool_global": pooled(lambda q: np.broadcast_to(q.mean((0, 1), keepdims=True), q.shape)),  # frame means
         "gain_only": gain_only,
     }
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over neurons of the correlation over time of ``a`` and ``b`` ``(N, T)``; constant neurons count 0."""
-    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
-    return float(((a * b).sum(1) / (np.sqrt((a * a).sum(1) * (b * b).sum(1)) + 1e-8)).mean())
 
 
 def load_trial(folder: Path, trial: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

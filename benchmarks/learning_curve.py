@@ -26,15 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from _diagnostics import correlation
 
 from lightning_sensorium.cli import lightning_main, with_defaults
 from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over neurons of the correlation over time of ``a`` and ``b`` ``(N, T)``; constant neurons count 0."""
-    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
-    return float(((a * b).sum(1) / (np.sqrt((a * a).sum(1) * (b * b).sum(1)) + 1e-8)).mean())
 
 
 def score(module: Any, batches: list[dict[str, Any]], release: Path, skip: int = 50) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -21,6 +22,9 @@ EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 
 
 def _script(name: str) -> ModuleType:
+    """Load ``benchmarks/<name>.py`` as the scripts run: their folder on ``sys.path`` for ``_diagnostics``."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
