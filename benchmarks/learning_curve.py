@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from _diagnostics import correlation
 
+from lightning_sensorium.callbacks import BudgetDecay
 from lightning_sensorium.cli import lightning_main, with_defaults
 from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
 
@@ -67,8 +68,8 @@ def factor(schedule: str, progress: float, fraction: float) -> float:
     """Learning-rate factor at ``progress`` ∈ [0, 1] of the budget."""
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "decay":  # constant, then linear to 0 over the last `fraction` (as callbacks.BudgetDecay)
-        return min(1.0, (1 - progress) / fraction)
+    if schedule == "decay":  # constant, then linear to 0 over the last `fraction`: the callback's own rule
+        return BudgetDecay(fraction=fraction).factor(progress)
     return 1.0
 
 
