@@ -10,7 +10,12 @@ import torch
 
 from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.models import ELU1, Encoder, Factorized3dCore, GaussianReadout, MLPShifter
-from lightning_sensorium.models.layers import behavior_as_channels, depth_laplace_l21d, laplace_l2norm
+from lightning_sensorium.models.layers import (
+    behavior_as_channels,
+    depth_laplace_l21d,
+    laplace_l2norm,
+    strided_spatial_conv,
+)
 
 #: Neuron counts of the 5 scored ("new") mice, in the order of models.md.
 COMPETITION_NEURONS = (7863, 7908, 8202, 7939, 8122)
@@ -105,6 +110,34 @@ def test_input_stride_halves_the_grid() -> None:
     assert count(Factorized3dCore(input_stride=2)) == count(Factorized3dCore())
     with pytest.raises(ValueError, match="input_stride"):
         Factorized3dCore(input_stride=0)
+
+
+@pytest.mark.parametrize(
+    ("channels", "kernel", "stride", "padding", "height", "width"),
+    [(1, 11, 2, 5, 36, 64), (1, 11, 2, 0, 36, 64), (3, 5, 3, 1, 17, 23), (2, 4, 2, 1, 9, 10), (1, 3, 4, 0, 11, 13)],
+)
+def test_strided_spatial_conv_is_the_strided_convolution(
+    channels: int, kernel: int, stride: int, padding: int, height: int, width: int
+) -> None:
+    """Space-to-depth then stride 1 gives conv3d's outputs and gradients, for odd sizes, kernels smaller than the
+    stride, and several input channels."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, 3, height, width, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(5, channels, 1, kernel, kernel, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    ref = torch.nn.functional.conv3d(x, weight, bias, (1, stride, stride), (0, padding, padding))
+    out = strided_spatial_conv(x, weight, bias, stride, padding)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref)
+    probe = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(
+        torch.autograd.grad((out * probe).sum(), (x, weight, bias)),
+        torch.autograd.grad((ref * probe).sum(), (x, weight, bias)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"\(1, k, k\)"):
+        strided_spatial_conv(x, weight.expand(5, channels, 2, kernel, kernel), bias, stride, padding)
 
 
 @pytest.mark.parametrize(("padding", "stride"), [(False, 1), (True, 1), (True, 2), (False, 3)])

@@ -22,7 +22,9 @@ options the benchmark does not use are left out), and the layers are named
 layers' conv names and keeps them under ``features``). One change of *how* it is computed: the behaviour channels
 are constant images, so the first spatial convolution runs on the video channel alone and adds each signal times
 its filter's footprint (:func:`~lightning_sensorium.models.layers.constant_maps_footprint`) — the same sum up to
-float rounding with a third of the first layer's multiply-adds.
+float rounding with a third of the first layer's multiply-adds; and a strided first layer (``input_stride``) runs as
+a stride-1 convolution of the space-to-depth rearranged video
+(:func:`~lightning_sensorium.models.layers.strided_spatial_conv`), the same sum again, ~2.5× faster on CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sensorium.models.cores.base import Core
-from lightning_sensorium.models.layers import constant_maps_footprint, depth_laplace_l21d, laplace_l2norm
+from lightning_sensorium.models.layers import (
+    constant_maps_footprint,
+    depth_laplace_l21d,
+    laplace_l2norm,
+    strided_spatial_conv,
+)
 
 
 def _same(kernel: int, padding: bool) -> tuple[int, int, int]:
@@ -171,7 +178,10 @@ class Factorized3dCore(Core):
         (:func:`constant_maps_footprint`): the same sum, a third of the multiply-adds with 2 behaviour channels."""
         conv = self._input_block().conv_spatial
         v, (_, sh, sw), (_, ph, pw) = self.video_channels, conv.stride, _int_padding(conv)
-        x = F.conv3d(video, conv.weight[:, :v], conv.bias, conv.stride, conv.padding)  # (B, C0, T, H', W')
+        if sh > 1 and sh == sw and ph == pw:  # the same sum, ~2.5× faster than oneDNN's strided kernel on CPU
+            x = strided_spatial_conv(video, conv.weight[:, :v], conv.bias, sh, ph)  # (B, C0, T, H', W')
+        else:
+            x = F.conv3d(video, conv.weight[:, :v], conv.bias, conv.stride, conv.padding)  # (B, C0, T, H', W')
         if signals is None:
             return x
         h, w = video.shape[-2:]
