@@ -78,7 +78,11 @@ class EnsembleModule(L.LightningModule):
             members.append(SensoriumModule.load_from_checkpoint(path, map_location="cpu"))
         first = hparams[0]
         for path, hp in zip(files[1:], hparams[1:], strict=True):
-            for key, default in (("normalization", "official"), ("response_scale", False)):
+            for key, default in (
+                ("normalization", "official"),
+                ("response_scale", False),
+                ("input_statistics", "per_frame"),
+            ):
                 if hp.get(key, default) != first.get(key, default):
                     raise ValueError(
                         f"--ckpt_path: {path} was trained with data.{key}={hp.get(key)!r} but {files[0]} with "

@@ -101,6 +101,7 @@ def evaluate(
         "data_root": dm.root,
         "mice": dm.mouse_ids,
         "normalization": dm.normalization,
+        "input_statistics": dm.input_statistics,
         "max_trials": max_trials,
         "tiers": {},
     }

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_sensorium.data.normalization import InputStatistics
 from lightning_sensorium.data.store import MouseStore
 
 #: Suffixes of the optional per-video behaviour files in a stimulus folder.
@@ -178,9 +179,12 @@ class StimulusInputs:
     Args:
         store: the mouse whose statistics (and training means for missing behaviour) are used.
         normalization: the checkpoint's ``data.normalization`` (``official`` or ``raw``).
+        input_statistics: the checkpoint's ``data.input_statistics`` (``per_frame`` or ``time_averaged``).
     """
 
-    def __init__(self, store: MouseStore, normalization: str = "official") -> None:
+    def __init__(
+        self, store: MouseStore, normalization: str = "official", input_statistics: InputStatistics = "per_frame"
+    ) -> None:
         self.store, self.normalization = store, normalization
         train = store.trials("train")
         if train.size == 0:
@@ -192,7 +196,7 @@ class StimulusInputs:
             return
         from lightning_sensorium.data.normalization import Normalizer
 
-        norm = Normalizer(store, mode="official")
+        norm = Normalizer(store, "official", input_statistics)
         stats = store.statistics
         finite = np.ones(store.t_pad, dtype=bool)
         for key in ("videos", "behavior", "pupil_center"):
@@ -280,7 +284,7 @@ def predict_stimuli(
             raise ValueError(f"--mouse: choose the mouse whose neurons to predict, one of {dm.mouse_ids}")
         mouse = dm.mouse_ids[0]
     store = dm.stores[mouse]
-    inputs = StimulusInputs(store, dm.normalization)
+    inputs = StimulusInputs(store, dm.normalization, dm.input_statistics)
     for s in stimuli:
         check_stimulus(s, store.video_shape)  # every file checked before any prediction
     lengths = np.array([s.video.shape[0] for s in stimuli], dtype=np.int32)

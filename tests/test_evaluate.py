@@ -161,7 +161,7 @@ def test_evaluate_rejects_bad_options(fits: dict[str, Any], tmp_path: Path) -> N
 def test_ensemble_members_must_agree_on_the_data_scale(fits: dict[str, Any], tmp_path: Path) -> None:
     """Members trained with and without ``data.response_scale`` (or another normalisation) are refused."""
     first = fits["checkpoints"][0]
-    for key, value in (("response_scale", True), ("normalization", "raw")):
+    for key, value in (("response_scale", True), ("normalization", "raw"), ("input_statistics", "time_averaged")):
         ckpt = torch.load(first, map_location="cpu", weights_only=False)
         ckpt["datamodule_hyper_parameters"][key] = value
         other = tmp_path / f"{key}.ckpt"

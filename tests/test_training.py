@@ -11,7 +11,8 @@ import torch
 
 from lightning_sensorium.cli import lightning_main, main, with_defaults
 from lightning_sensorium.data.datamodule import SensoriumDataModule
-from lightning_sensorium.data.normalization import response_precision
+from lightning_sensorium.data.normalization import Normalizer, over_time, response_precision
+from lightning_sensorium.prediction import Stimulus, StimulusInputs
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 #: Shrinks any experiment to seconds on CPU: tiny core, short windows, few batches.
@@ -92,6 +93,48 @@ def test_response_scale(tiny_stores: Path) -> None:
     assert "response_scale" not in next(iter(SensoriumDataModule(root=str(tiny_stores), frames=20).train_dataloader()))
     with pytest.raises(ValueError, match="data.response_scale"):
         SensoriumDataModule(root=str(tiny_stores), normalization="raw", response_scale=True)
+
+
+def test_over_time_pools_per_frame_statistics() -> None:
+    """Per-frame mean and std pooled over frames = the mean and std over every frame of every trial; frames
+    without statistics (NaN, past the shortest trials) are left out."""
+    rng = np.random.default_rng(0)
+    x = rng.gamma(2.0, 3.0, size=(12, 40, 5)) + np.linspace(0, 4, 40)[None, :, None]  # (trials, T, D), drifting
+    mean, std = x.mean(0), x.std(0)  # (T, D) per-frame statistics
+    mean, std = np.concatenate([mean, np.full((7, 5), np.nan)]), np.concatenate([std, np.full((7, 5), np.nan)])
+    pooled_mean, pooled_std = over_time(mean, std)
+    assert pooled_mean.shape == pooled_std.shape == (47, 5)
+    np.testing.assert_allclose(pooled_mean, np.broadcast_to(x.reshape(-1, 5).mean(0), (47, 5)), rtol=1e-5)
+    np.testing.assert_allclose(pooled_std, np.broadcast_to(x.reshape(-1, 5).std(0), (47, 5)), rtol=1e-5)
+
+
+def test_time_averaged_input_statistics(tiny_stores: Path) -> None:
+    """``data.input_statistics: time_averaged`` normalises the inputs with statistics over all frames (for
+    training, evaluation and user stimuli alike) and keeps the official per-frame response scale."""
+    dm = SensoriumDataModule(root=str(tiny_stores), frames=20, input_statistics="time_averaged")
+    official = SensoriumDataModule(root=str(tiny_stores), frames=20)
+    mouse = dm.mouse_ids[0]
+    store = dm.stores[mouse]
+    stats = store.statistics
+    sample, per_frame, raw = dm._read(mouse, 0, 10, 30), official._read(mouse, 0, 10, 30), store.read(0, 10, 30)
+    assert torch.equal(sample["responses"], per_frame["responses"])
+    video_mean, video_std = over_time(stats["videos"]["mean"], stats["videos"]["std"])
+    expected = (raw["videos"] - video_mean[0]) / video_std[0]  # one mean and std per pixel for every frame
+    np.testing.assert_allclose(sample["video"][0].numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(per_frame["video"].numpy(), sample["video"].numpy(), atol=1e-3)
+    pupil_mean, pupil_std = over_time(stats["pupil_center"]["mean"], stats["pupil_center"]["std"])
+    expected_pupil = (raw["pupil_center"] - pupil_mean[0]) / pupil_std[0]
+    np.testing.assert_allclose(sample["pupil_center"].numpy(), expected_pupil.T, rtol=1e-4, atol=1e-4)
+    _, behavior_std = over_time(stats["behavior"]["mean"], stats["behavior"]["std"])
+    np.testing.assert_allclose(sample["behavior"].numpy(), (raw["behavior"] / behavior_std[0]).T, rtol=1e-4)
+    # User stimuli of a checkpoint trained so, including frames past the recorded statistics.
+    video = np.random.default_rng(1).uniform(0, 255, (store.t_pad + 5, *store.video_shape)).astype(np.float32)
+    got = StimulusInputs(store, "official", "time_averaged")(Stimulus("a", video), 0)["video"][0, 0].numpy()
+    np.testing.assert_allclose(got, (video - video_mean[0]) / video_std[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="data.input_statistics"):
+        SensoriumDataModule(root=str(tiny_stores), normalization="raw", input_statistics="time_averaged")
+    with pytest.raises(ValueError, match=r"data.input_statistics='hourly'.*per_frame"):
+        Normalizer(store, "official", "hourly")  # type: ignore[arg-type]
 
 
 def test_eval_batches_cover_each_trial_once(tiny_stores: Path) -> None:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.data.layout import TIERS
-from lightning_sensorium.data.normalization import Normalizer
+from lightning_sensorium.data.normalization import InputStatistics, Normalizer
 from lightning_sensorium.data.store import MouseStore
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,11 @@ class SensoriumDataModule(L.LightningDataModule):
             predictions by it, so they are scored on the official scale (DwiseNeuro trained on raw responses and
             multiplied its submissions by the per-frame precision, for +0.023:
             https://github.com/lRomul/sensorium, commit 20fd7a5).
+        input_statistics: ``per_frame`` (the official normaliser) or ``time_averaged``: normalise videos, behaviour
+            and pupil centre with statistics over all frames (``official`` normalisation only). The per-frame ones
+            come from a finite number of trials and jitter from frame to frame, a fixed "ghost" every trial is seen
+            through (:mod:`lightning_sensorium.data.normalization`); predictions of user stimuli follow the
+            checkpoint's choice.
     """
 
     def __init__(
@@ -217,6 +222,7 @@ class SensoriumDataModule(L.LightningDataModule):
         storage_options: dict[str, Any] | None = None,
         with_ground_truth: bool = True,
         response_scale: bool = False,
+        input_statistics: InputStatistics = "per_frame",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -251,6 +257,7 @@ class SensoriumDataModule(L.LightningDataModule):
                 f"data.normalization is {normalization!r} (use official, or response_scale: false)"
             )
         self.response_scale = response_scale
+        self.input_statistics = input_statistics
 
         paths = discover_stores(self.root, mice, storage_options)
         # Opening reads only metadata and the small per-trial arrays: cheap enough for __init__, which must
@@ -258,7 +265,7 @@ class SensoriumDataModule(L.LightningDataModule):
         stores = [MouseStore(p, storage_options=storage_options) for p in paths]
         self.stores: dict[str, MouseStore] = {s.mouse_id: s for s in stores}
         self.mouse_ids: list[str] = list(self.stores)
-        self.normalizers = {m: Normalizer(s, mode=normalization) for m, s in self.stores.items()}
+        self.normalizers = {m: Normalizer(s, normalization, input_statistics) for m, s in self.stores.items()}
         self._train_trials = {m: self._window_trials(m) for m in self.stores}
         for m, trials in self._train_trials.items():
             if len(trials) == 0:

@@ -15,18 +15,43 @@ frame, and the official targets carry that gain, which no stimulus explains. :me
 gives it relative to each neuron's mean (``data.response_scale``: the module trains on the targets divided by it
 and multiplies its predictions by it).
 
+The same finite number of trials makes the per-frame *input* statistics jitter too: on the demo mice the per-pixel
+video mean departs from its time average by ~0.09 pixel standard deviations and the per-frame standard deviations
+by ~9 % (the pupil centre's by ~10 %), a fixed "ghost" indexed by frame that every trial is seen through.
+``input_statistics="time_averaged"`` normalises videos, behaviour and pupil centre with each pixel's or signal's
+statistics over all frames of the train trials instead (pooled from the per-frame ones); the responses keep the
+official per-frame scale.
+
 ``raw`` leaves everything as recorded (DwiseNeuro trains on raw grey levels and ReLU'd raw responses).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from lightning_sensorium.data.store import MouseStore
 
 _TINY = 1e-6
+
+InputStatistics = Literal["per_frame", "time_averaged"]
+
+
+def over_time(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame ``(T, ...)`` mean and std pooled over the frames that have them: the mean and std over all frames
+    of all trials (``E[x] = mean_t m_t``, ``E[x²] = mean_t (s_t² + m_t²)``), broadcast back to ``(T, ...)``."""
+    finite = np.isfinite(mean) & np.isfinite(std)
+    m = np.where(finite, mean, np.nan).astype(np.float64)
+    second = np.where(finite, np.square(std) + np.square(m), np.nan)
+    with np.errstate(invalid="ignore"):
+        pooled_mean = np.nanmean(m, axis=0)  # (...,)
+        pooled_std = np.sqrt(np.maximum(np.nanmean(second, axis=0) - np.square(pooled_mean), 0.0))
+    shape = mean.shape
+    return (
+        np.broadcast_to(pooled_mean, shape).astype(np.float32),
+        np.broadcast_to(pooled_std, shape).astype(np.float32),
+    )
 
 
 def response_precision(std: np.ndarray) -> np.ndarray:
@@ -37,20 +62,45 @@ def response_precision(std: np.ndarray) -> np.ndarray:
 
 
 class Normalizer:
-    """Normalises raw time-first arrays of one mouse (see module docstring)."""
+    """Normalises raw time-first arrays of one mouse (see module docstring).
 
-    def __init__(self, store: MouseStore, mode: Literal["official", "raw"] = "official") -> None:
+    Args:
+        store: the mouse.
+        mode: ``official`` or ``raw``.
+        input_statistics: ``per_frame`` (the official normaliser) or ``time_averaged`` (inputs normalised with
+            statistics over all frames; ``official`` mode only).
+    """
+
+    def __init__(
+        self,
+        store: MouseStore,
+        mode: Literal["official", "raw"] = "official",
+        input_statistics: InputStatistics = "per_frame",
+    ) -> None:
+        if input_statistics not in get_args(InputStatistics):
+            raise ValueError(
+                f"data.input_statistics={input_statistics!r}: expected one of {list(get_args(InputStatistics))}"
+            )
+        if mode == "raw" and input_statistics != "per_frame":
+            raise ValueError(
+                f"data.input_statistics={input_statistics!r} changes the official normalisation's statistics; "
+                "data.normalization is 'raw' (use official, or input_statistics: per_frame)"
+            )
         self.mode = mode
         self.store = store
+        self.input_statistics = input_statistics
         if mode == "raw":
             return
         stats = store.statistics
-        self.video_mean = stats["videos"]["mean"].astype(np.float32)  # (T_pad, H, W)
-        self.video_std = np.maximum(stats["videos"]["std"], _TINY).astype(np.float32)
+        inputs = {key: (stats[key]["mean"], stats[key]["std"]) for key in ("videos", "behavior", "pupil_center")}
+        if input_statistics == "time_averaged":
+            inputs = {key: over_time(mean, std) for key, (mean, std) in inputs.items()}
+        self.video_mean = inputs["videos"][0].astype(np.float32)  # (T_pad, H, W)
+        self.video_std = np.maximum(inputs["videos"][1], _TINY).astype(np.float32)
         self.precision = response_precision(stats["responses"]["std"])  # (T_pad, N)
-        self.behavior_scale = (1.0 / np.maximum(stats["behavior"]["std"], _TINY)).astype(np.float32)  # (T_pad, 2)
-        self.pupil_mean = stats["pupil_center"]["mean"].astype(np.float32)  # (T_pad, 2)
-        self.pupil_std = np.maximum(stats["pupil_center"]["std"], _TINY).astype(np.float32)
+        self.behavior_scale = (1.0 / np.maximum(inputs["behavior"][1], _TINY)).astype(np.float32)  # (T_pad, 2)
+        self.pupil_mean = inputs["pupil_center"][0].astype(np.float32)  # (T_pad, 2)
+        self.pupil_std = np.maximum(inputs["pupil_center"][1], _TINY).astype(np.float32)
         # Frames past the statistics (≥ 300) are never read (lengths are capped there); zero them once anyway so
         # a bad frame cannot turn a batch into NaN.
         for name in ("video_mean", "video_std", "precision", "behavior_scale", "pupil_mean", "pupil_std"):
