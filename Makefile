@@ -40,9 +40,10 @@ format: install ## apply ruff fixes and formatting
 demo: install ## synthesise 3 demo mice (if missing), convert them to zarr, summarise
 	$(BIN)/python -m lightning_sensorium.demo --data $(DATA)
 
-bench: install ## self-contained benchmarks: data loading, readout reads (figures go to BENCHMARKS.md)
+bench: install ## self-contained benchmarks: data loading, readout reads, the strided first layer (figures go to BENCHMARKS.md)
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_readout.py
+	$(BIN)/python benchmarks/bench_strided_conv.py
 
 clean: ## remove the demo data and run logs (keeps .venv)
 	rm -rf $(DATA) runs lightning_logs

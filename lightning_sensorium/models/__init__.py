@@ -9,8 +9,19 @@
 
 from lightning_sensorium.models.cores import Core, Factorized3dCore
 from lightning_sensorium.models.encoder import Encoder
-from lightning_sensorium.models.layers import ELU1, DropPath, Exp
+from lightning_sensorium.models.layers import ELU1, CalciumELU1, DropPath, Exp
 from lightning_sensorium.models.readouts import GaussianReadout, Readout
 from lightning_sensorium.models.shifters import MLPShifter
 
-__all__ = ["ELU1", "Core", "DropPath", "Exp", "Encoder", "Factorized3dCore", "GaussianReadout", "MLPShifter", "Readout"]
+__all__ = [
+    "ELU1",
+    "CalciumELU1",
+    "Core",
+    "DropPath",
+    "Exp",
+    "Encoder",
+    "Factorized3dCore",
+    "GaussianReadout",
+    "MLPShifter",
+    "Readout",
+]

@@ -8,6 +8,8 @@
   only the video and adds the signals' part as ``signal × footprint`` (the same sum, without the per-pixel work).
 * :func:`strided_spatial_conv`: a strided ``(1, k, k)`` convolution of few channels as a stride-1 convolution of
   their space-to-depth rearrangement (the same sum, ~2.5× faster on CPU for the factorized core's first layer).
+* :class:`CalciumELU1`: ``ELU1`` followed by a learned causal smoothing of the rate (indicator kinetics after the
+  readout's per-frame eye shift), an option of every model.
 * :class:`Exp`: the exponential output nonlinearity of ViV1T (``output_mode=1``).
 * :class:`DropPath`: stochastic depth per sample, used by DwiseNeuro, Dynamic-V1FM and ViV1T.
 * :func:`laplace_l2norm`, :func:`depth_laplace_l21d`: the smoothness penalties of the first-layer filters.
@@ -38,6 +40,49 @@ class ELU1(nn.Module):
 
     def extra_repr(self) -> str:
         return f"offset={self.offset}"
+
+
+class CalciumELU1(ELU1):
+    """``ELU(x + offset) + 1``, then a learned causal smoothing over the last ``taps`` output steps.
+
+    Two-photon traces are a rate seen through a calcium indicator: ``rate → nonlinearity → shift by the eye → slow
+    indicator kinetics``. A core's temporal filters come before the readout, so without this the readout's
+    per-frame shift (eye movements) and the output nonlinearity act after all temporal filtering: a saccade makes
+    the prediction jump where the recorded trace rises and decays over a few hundred ms. The kernel is
+    ``softmax(logits)`` (positive, summing to 1, so the mean rate and its positivity are kept), initialised close
+    to the identity; before the first step the trace is taken to have sat at its first value (no frames lost).
+    Not in the original baselines (an option: ``model.output_activation``).
+
+    Args:
+        taps: output steps the smoothing reaches back (1: plain :class:`ELU1`).
+        offset: shift of the input before the ELU.
+    """
+
+    def __init__(self, taps: int = 6, offset: float = 0.0) -> None:
+        super().__init__(offset)
+        if taps < 1:
+            raise ValueError(f"CalciumELU1: taps must be ≥ 1, got {taps}")
+        self.taps = taps
+        logits = torch.full((taps,), -4.0)
+        logits[0] = 0.0  # ≈ 0.92 on the current step at first
+        self.logits = nn.Parameter(logits)
+
+    def kernel(self) -> Tensor:
+        """``(taps,)``: the weight of the rate ``k`` steps ago, ``k = 0 … taps − 1``."""
+        return torch.softmax(self.logits, dim=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rate = super().forward(x)  # (..., T)
+        t, k = rate.shape[-1], self.kernel().to(rate.dtype)
+        first = rate[..., :1].expand(*rate.shape[:-1], self.taps - 1)  # (..., taps − 1): the steady state before
+        padded = torch.cat([first, rate], dim=-1)  # (..., T + taps − 1); step s of `rate` at s + taps − 1
+        out = k[0] * rate
+        for lag in range(1, self.taps):
+            out = out + k[lag] * padded[..., self.taps - 1 - lag : self.taps - 1 - lag + t]  # rate(s − lag)
+        return out  # (..., T)
+
+    def extra_repr(self) -> str:
+        return f"taps={self.taps}, offset={self.offset}"
 
 
 class Exp(nn.Module):
@@ -175,6 +220,7 @@ def depth_laplace_l21d(weight: Tensor) -> Tensor:
 
 __all__ = [
     "ELU1",
+    "CalciumELU1",
     "DropPath",
     "Exp",
     "behavior_as_channels",

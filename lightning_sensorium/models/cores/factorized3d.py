@@ -24,7 +24,7 @@ are constant images, so the first spatial convolution runs on the video channel 
 its filter's footprint (:func:`~lightning_sensorium.models.layers.constant_maps_footprint`) — the same sum up to
 float rounding with a third of the first layer's multiply-adds; and a strided first layer (``input_stride``) runs as
 a stride-1 convolution of the space-to-depth rearranged video
-(:func:`~lightning_sensorium.models.layers.strided_spatial_conv`), the same sum again, ~2.5× faster on CPU.
+(:func:`~lightning_sensorium.models.layers.strided_spatial_conv`) on CPU, the same sum again, ~2.5× faster there.
 """
 
 from __future__ import annotations
@@ -178,7 +178,8 @@ class Factorized3dCore(Core):
         (:func:`constant_maps_footprint`): the same sum, a third of the multiply-adds with 2 behaviour channels."""
         conv = self._input_block().conv_spatial
         v, (_, sh, sw), (_, ph, pw) = self.video_channels, conv.stride, _int_padding(conv)
-        if sh > 1 and sh == sw and ph == pw:  # the same sum, ~2.5× faster than oneDNN's strided kernel on CPU
+        # The same sum, ~2.5× faster than oneDNN's strided kernel on CPU (not measured on a GPU: cuDNN keeps its own).
+        if sh > 1 and sh == sw and ph == pw and video.device.type == "cpu":
             x = strided_spatial_conv(video, conv.weight[:, :v], conv.bias, sh, ph)  # (B, C0, T, H', W')
         else:
             x = F.conv3d(video, conv.weight[:, :v], conv.bias, conv.stride, conv.padding)  # (B, C0, T, H', W')
