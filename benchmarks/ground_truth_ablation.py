@@ -12,6 +12,15 @@ more a model loses by not capturing it. The parts are those of ``lightning_senso
 * ``pool_constant`` / ``pool_global``: the normalisation pool replaced by its mean / by its frame mean,
 * ``gain_only``: the behaviour gain alone (no stimulus drive at all).
 
+And what limits even a perfect model that sees the data as our loaders give it:
+
+* ``per_frame_video_stats`` / ``per_frame_pupil_stats``: the ground truth driven by the video (pupil centre) as the
+  official per-frame normalisation presents it, mapped back to grey levels (camera px) with the statistics averaged
+  over time — the frame-indexed "ghost" that ``data.input_statistics: time_averaged`` removes,
+* ``gaze_after_calcium``: each step's eye position applied to the rates of all past steps, then the calcium kernel
+  — what a model whose temporal filters all come before a per-frame readout shift can at best compute,
+* ``scan_phase_unknown``: the noiseless trace averaged over the 8 Hz scan phase, which no model input reveals.
+
     python benchmarks/ground_truth_ablation.py [--data data/synthetic] [--mouse SESSION] [--trials 6]
 """
 
@@ -27,8 +36,10 @@ from _diagnostics import correlation
 
 from lightning_sensorium.data import digital_twin as twin
 from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
+from lightning_sensorium.data.normalization import over_time
 
 Rates = Callable[[twin.FeatureBank, np.ndarray, np.ndarray], np.ndarray]
+Observed = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
 
 
 def load_parameters(release: Path, session: str) -> twin.NeuronParameters:
@@ -83,6 +94,70 @@ def ablations(params: twin.NeuronParameters) -> dict[str, Rates]:
     }
 
 
+def _over_time(folder: Path, key: str, length: int) -> tuple[np.ndarray, ...]:
+    """``(mean_t, std_t, mean, std)`` of release statistics ``key``, time first and cut to ``length``: per frame
+    (frames without statistics filled with the pooled value) and pooled over time (``normalization.over_time``)."""
+    stats = folder / "meta" / "statistics" / key / "all"
+    mean_t, std_t = (np.moveaxis(np.load(stats / f"{s}.npy"), -1, 0) for s in ("mean", "std"))  # (T_pad, ...)
+    mean, std = over_time(mean_t, std_t)
+    mean_t, std_t = np.where(np.isfinite(mean_t), mean_t, mean), np.where(np.isfinite(std_t), std_t, std)
+    return mean_t[:length], std_t[:length], mean[:length], std[:length]
+
+
+def model_limits(params: twin.NeuronParameters, folder: Path) -> dict[str, Observed]:
+    """``name → (frames, behavior, center, phase) → noiseless trace (N, T)``: the ``full`` model observed with scan
+    phase ``phase`` (in frames), and the views of it a perfect model is limited to (see the module docstring)."""
+
+    def observe(rate: np.ndarray, length: int, phase: float) -> np.ndarray:
+        calcium, interp = twin._observation_matrices(length, phase)  # (S, K), (K, T)
+        return rate @ calcium @ interp  # (N, T)
+
+    def full(frames: np.ndarray, behavior: np.ndarray, center: np.ndarray, phase: float) -> np.ndarray:
+        return observe(twin.step_rates(twin.feature_bank(frames), params, behavior, center), len(frames), phase)
+
+    def per_frame_video_stats(frames: np.ndarray, behavior: np.ndarray, center: np.ndarray, phase: float) -> np.ndarray:
+        mean_t, std_t, mean, std = _over_time(folder, "videos", len(frames))  # (T, H, W)
+        seen = ((frames - mean_t) / std_t * std + mean).astype(np.float32)
+        return full(seen, behavior, center, phase)
+
+    def per_frame_pupil_stats(frames: np.ndarray, behavior: np.ndarray, center: np.ndarray, phase: float) -> np.ndarray:
+        mean_t, std_t, mean, std = _over_time(folder, "pupil_center", len(frames))  # (T, 2)
+        return full(frames, behavior, (center - mean_t) / std_t * std + mean, phase)
+
+    def gaze_after_calcium(frames: np.ndarray, behavior: np.ndarray, center: np.ndarray, phase: float) -> np.ndarray:
+        bank = twin.feature_bank(frames)
+        steps = np.arange(bank.steps)
+        calcium, interp = twin._observation_matrices(len(frames), phase)  # (S, K), (K, T)
+        lags = min(bank.steps, 30)  # 30 steps = 2 s ≈ 7 calcium time constants
+        past = []  # past[l][:, s]: the rate of step s − l seen with the eye position of step s
+        for lag in range(lags):
+            idx = np.maximum(steps - lag, 0)
+            shifted = twin.FeatureBank(
+                np.ascontiguousarray(bank.quadrature[..., idx]), np.ascontiguousarray(bank.pool[..., idx])
+            )
+            past.append(twin.step_rates(shifted, params, behavior, center))  # (N, S)
+        samples = np.zeros((len(params.channel), calcium.shape[1]))  # (N, K)
+        for k in range(calcium.shape[1]):
+            weights = np.flatnonzero(calcium[:, k])
+            now = weights.max()  # the last step that reaches sample k
+            for s in weights:
+                samples[:, k] += calcium[s, k] * past[min(now - s, lags - 1)][:, now]
+        return samples @ interp
+
+    def scan_phase_unknown(frames: np.ndarray, behavior: np.ndarray, center: np.ndarray, phase: float) -> np.ndarray:
+        rate = twin.step_rates(twin.feature_bank(frames), params, behavior, center)
+        period = twin.FPS / twin.SCAN_HZ
+        return np.mean([observe(rate, len(frames), p) for p in np.linspace(0, period, 16, endpoint=False)], axis=0)
+
+    return {
+        "full": full,
+        "per_frame_video_stats": per_frame_video_stats,
+        "per_frame_pupil_stats": per_frame_pupil_stats,
+        "gaze_after_calcium": gaze_after_calcium,
+        "scan_phase_unknown": scan_phase_unknown,
+    }
+
+
 def load_trial(folder: Path, trial: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(video (T, H, W) grey levels, behavior (T, 2), pupil_center (T, 2))`` of one release trial, cut to its
     length (the video's last valid frame is partly NaN in the release: filled with the mean grey)."""
@@ -109,8 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     folder = args.data / session
     tiers = np.load(folder / "meta" / "trials" / "tiers.npy")
     trials = [i for i, t in enumerate(tiers) if t == "final_test_main"][: args.trials]
-    variants = ablations(params)
-    scores: dict[str, list[float]] = {name: [] for name in variants if name != "full"}
+    variants, limits = ablations(params), model_limits(params, folder)
+    scores: dict[str, list[float]] = {name: [] for name in [*variants, *limits] if name != "full"}
     for i in trials:
         frames, behavior, center = load_trial(folder, i)
         bank = twin.feature_bank(frames)
@@ -121,12 +196,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             return rates[:, args.skip :]  # (N, T − skip)
 
         full = observed(variants["full"](bank, behavior, center))
-        for name in scores:
-            scores[name].append(correlation(full, observed(variants[name](bank, behavior, center))))
+        for name in variants:
+            if name != "full":
+                scores[name].append(correlation(full, observed(variants[name](bank, behavior, center))))
+        phase = float(np.random.default_rng(i).uniform(0, twin.FPS / twin.SCAN_HZ))  # `observe`'s first draw
+        exact = limits["full"](frames, behavior, center, phase)[:, args.skip :]
+        for name in limits:
+            if name != "full":
+                scores[name].append(correlation(exact, limits[name](frames, behavior, center, phase)[:, args.skip :]))
     means = {name: float(np.mean(values)) for name, values in scores.items()}
     print(f"{session}: {len(trials)} final_test_main trials, corr(full, ablated) per neuron, frames {args.skip}+")
     for name, value in means.items():
-        print(f"  {name:<18} {value:.3f}")
+        print(f"  {name:<22} {value:.3f}")
     return means
 
 

@@ -58,9 +58,43 @@ def test_ablation_full_model_reproduces_the_saved_rates(tiny_release: Path) -> N
         assert not np.allclose(variants[name](bank, behavior, center), full), name
 
 
+def test_model_limits(tiny_release: Path) -> None:
+    """The limits' ``full`` trace is the generator's observation at the same scan phase; with the eye (and behaviour)
+    still, applying the gaze after the calcium kernel changes nothing; the per-frame statistics views change it."""
+    folder = sessions(tiny_release)[0]
+    params = ablation.load_parameters(tiny_release, folder.name)
+    tiers = np.load(folder / "meta" / "trials" / "tiers.npy")
+    trial = int(np.flatnonzero(tiers == "final_test_main")[0])
+    frames, behavior, center = ablation.load_trial(folder, trial)
+    limits = ablation.model_limits(params, folder)
+    rate = twin.step_rates(twin.feature_bank(frames), params, behavior, center)
+    expected, _ = twin.observe(rate, params, len(frames), np.random.default_rng(3))
+    phase = float(np.random.default_rng(3).uniform(0, twin.FPS / twin.SCAN_HZ))
+    full = limits["full"](frames, behavior, center, phase)
+    np.testing.assert_allclose(full, expected, rtol=1e-3, atol=1e-4 * expected.max())
+    # Eye and behaviour still: only the 2-s cap on the lags (e^(−60/9) of the calcium kernel) remains.
+    still, calm = np.broadcast_to(center[:1], center.shape), np.broadcast_to(behavior[:1], behavior.shape)
+    after = limits["gaze_after_calcium"](frames, calm, still, phase)
+    np.testing.assert_allclose(after, limits["full"](frames, calm, still, phase), rtol=0, atol=3e-3 * after.max())
+    assert not np.allclose(limits["gaze_after_calcium"](frames, behavior, center, phase), full, rtol=1e-3)
+    for name in ("per_frame_video_stats", "per_frame_pupil_stats"):
+        assert not np.allclose(limits[name](frames, behavior, center, phase), full, rtol=1e-3), name
+
+
 def test_ablation_script_and_errors(tiny_release: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     scores = ablation.main(["--data", str(tiny_release), "--trials", "1"])
-    assert set(scores) == {"no_gaze", "no_behaviour_gain", "exponent_1", "pool_constant", "pool_global", "gain_only"}
+    assert set(scores) == {
+        "no_gaze",
+        "no_behaviour_gain",
+        "exponent_1",
+        "pool_constant",
+        "pool_global",
+        "gain_only",
+        "per_frame_video_stats",
+        "per_frame_pupil_stats",
+        "gaze_after_calcium",
+        "scan_phase_unknown",
+    }
     assert all(-1 <= v <= 1 for v in scores.values())
     assert scores["no_behaviour_gain"] > scores["gain_only"]  # the stimulus carries more than the gain
     assert "no_gaze" in capsys.readouterr().out
