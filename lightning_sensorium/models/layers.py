@@ -162,9 +162,9 @@ def strided_spatial_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride:
 
     Each ``stride × stride`` block of pixels becomes ``stride²`` channels and the kernel, zero-padded to a multiple of
     the stride, is rearranged the same way: the same products and sums (up to float rounding). oneDNN's strided
-    kernels are slow for one input channel — 75–83 ms against 31–32 ms forward + backward for the factorized core's
-    11 × 11, stride-2 first layer on a (8, 1, 40, 36, 64) batch on 2 CPU cores (``BENCHMARKS.md``). Idea: the
-    space-to-depth stem of ``TResNet``, https://arxiv.org/abs/2003.13630.
+    kernels are slow for one input channel — 0.142 against 0.059 s forward + backward for the factorized core's
+    11 × 11, stride-2 first layer on a (8, 1, 40, 36, 64) batch on 2 CPU cores (``benchmarks/bench_strided_conv.py``,
+    BENCHMARKS.md). Idea: the space-to-depth stem of TResNet, https://arxiv.org/abs/2003.13630.
     """
     b, c, t, h, w = x.shape
     o, _, kt, k, k2 = weight.shape
