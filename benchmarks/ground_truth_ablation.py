@@ -94,19 +94,19 @@ def ablations(params: twin.NeuronParameters) -> dict[str, Rates]:
     }
 
 
-def _over_time(folder: Path, key: str, length: int) -> tuple[np.ndarray, ...]:
-    """``(mean_t, std_t, mean, std)`` of release statistics ``key``, time first and cut to ``length``: per frame
-    (frames without statistics filled with the pooled value) and pooled over time (``normalization.over_time``)."""
+def _statistics(folder: Path, key: str) -> tuple[np.ndarray, ...]:
+    """``(mean_t, std_t, mean, std)`` of release statistics ``key``, time first ``(T_pad, ...)``: per frame (frames
+    without statistics filled with the pooled value) and pooled over time (``normalization.over_time``)."""
     stats = folder / "meta" / "statistics" / key / "all"
     mean_t, std_t = (np.moveaxis(np.load(stats / f"{s}.npy"), -1, 0) for s in ("mean", "std"))  # (T_pad, ...)
     mean, std = over_time(mean_t, std_t)
-    mean_t, std_t = np.where(np.isfinite(mean_t), mean_t, mean), np.where(np.isfinite(std_t), std_t, std)
-    return mean_t[:length], std_t[:length], mean[:length], std[:length]
+    return np.where(np.isfinite(mean_t), mean_t, mean), np.where(np.isfinite(std_t), std_t, std), mean, std
 
 
 def model_limits(params: twin.NeuronParameters, folder: Path) -> dict[str, Observed]:
     """``name → (frames, behavior, center, phase) → noiseless trace (N, T)``: the ``full`` model observed with scan
     phase ``phase`` (in frames), and the views of it a perfect model is limited to (see the module docstring)."""
+    video_stats, pupil_stats = _statistics(folder, "videos"), _statistics(folder, "pupil_center")  # read once
 
     def observe(rate: np.ndarray, length: int, phase: float) -> np.ndarray:
         calcium, interp = twin._observation_matrices(length, phase)  # (S, K), (K, T)
@@ -116,12 +116,12 @@ def model_limits(params: twin.NeuronParameters, folder: Path) -> dict[str, Obser
         return observe(twin.step_rates(twin.feature_bank(frames), params, behavior, center), len(frames), phase)
 
     def per_frame_video_stats(frames: np.ndarray, behavior: np.ndarray, center: np.ndarray, phase: float) -> np.ndarray:
-        mean_t, std_t, mean, std = _over_time(folder, "videos", len(frames))  # (T, H, W)
+        mean_t, std_t, mean, std = (x[: len(frames)] for x in video_stats)  # (T, H, W)
         seen = ((frames - mean_t) / std_t * std + mean).astype(np.float32)
         return full(seen, behavior, center, phase)
 
     def per_frame_pupil_stats(frames: np.ndarray, behavior: np.ndarray, center: np.ndarray, phase: float) -> np.ndarray:
-        mean_t, std_t, mean, std = _over_time(folder, "pupil_center", len(frames))  # (T, 2)
+        mean_t, std_t, mean, std = (x[: len(frames)] for x in pupil_stats)  # (T, 2)
         return full(frames, behavior, (center - mean_t) / std_t * std + mean, phase)
 
     def gaze_after_calcium(frames: np.ndarray, behavior: np.ndarray, center: np.ndarray, phase: float) -> np.ndarray:
