@@ -76,6 +76,8 @@ class SensoriumModule(L.LightningModule):
             training sample, the mean teacher prediction of each *other* mouse's neurons is a target of the student's
             readout of that mouse. Needs ``data.batch_mode: mixed``.
         distill_ratio: share of the loss carried by the teacher targets (DwiseNeuro: 0.36).
+        float32_readout: under autocast, readouts, shifters and output activation in float32 (see
+            :class:`Encoder`); the core stays in low precision.
         log_figures: draw traces, correlation histograms and readout positions to TensorBoard.
         neurons: per-mouse neuron info — linked from the datamodule, or restored from the checkpoint.
         dataset_sizes: trials per mouse (the official loss scale) — linked from the datamodule.
@@ -103,6 +105,7 @@ class SensoriumModule(L.LightningModule):
         frame_step: int = 1,
         teachers: list[str] | None = None,
         distill_ratio: float = 0.36,
+        float32_readout: bool = False,
         log_figures: bool = True,
         neurons: dict[str, NeuronInfo] | None = None,
         dataset_sizes: dict[str, int] | None = None,
@@ -146,7 +149,7 @@ class SensoriumModule(L.LightningModule):
         self.output_activation = output_activation
         self.neurons: dict[str, NeuronInfo] = {}
         # The core is held by the encoder only; per-mouse parts are added once the neurons are known.
-        self.encoder = Encoder(core, nn.ModuleDict(), None, output_activation)
+        self.encoder = Encoder(core, nn.ModuleDict(), None, output_activation, float32_readout)
         if neurons:
             self._build(neurons)
         self.metrics = nn.ModuleDict()
@@ -164,6 +167,7 @@ class SensoriumModule(L.LightningModule):
             shifter=self.shifter_factory,
             output_activation=self.encoder.output_activation,
             video_shape=self.video_shape,
+            float32_readout=self.encoder.float32_readout,
         )
         self.encoder.readouts, self.encoder.shifters = built.readouts, built.shifters
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_sensorium.cli import cli_args, lightning_main, with_defaults
-from lightning_sensorium.demo import DEMO_OVERRIDES, demo_overrides
+from lightning_sensorium.demo import DEMO_OVERRIDES, demo_overrides, resolve_precision
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 CONFIGS = sorted(p.name for p in EXPERIMENTS.glob("*.yaml") if p.name != "defaults.yaml")
@@ -119,3 +119,26 @@ def test_demo_overrides_name_real_options(config: str, tiny_stores: Path, tmp_pa
     assert cli.model.frame_step == cli.datamodule.frame_step  # linked
     if "data.frame_step" in DEMO_OVERRIDES[config]:
         assert cli.datamodule.frame_step == int(DEMO_OVERRIDES[config]["data.frame_step"])
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        ({"amx_bf16": True}, "bf16-mixed"),
+        ({"avx512_bf16": True}, "bf16-mixed"),
+        ({"avx2": True}, "32-true"),
+        (None, "32-true"),
+    ],
+)
+def test_demo_precision_auto_follows_native_bf16(
+    capabilities: dict[str, bool] | None, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--precision auto`` is bf16-mixed only where the CPU computes bf16 natively (or a torch without
+    ``torch.cpu.get_capabilities``: float32); an explicit precision passes through."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if capabilities is None:
+        monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    else:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("16-mixed") == "16-mixed"

@@ -34,6 +34,9 @@ class Encoder(nn.Module):
         readouts: ``mouse_id → Readout``.
         shifters: ``mouse_id → shifter`` (pupil centre → readout shift), or None.
         output_activation: final nonlinearity (default ``ELU(x) + 1``).
+        float32_readout: under autocast (``bf16-mixed``, ``16-mixed``), run the shifters, readouts and output
+            activation in float32 on float32 features: bf16's 8-bit mantissa rounds the readout's positions and
+            the rates the Poisson loss takes the log of. The core, where the time goes, stays in low precision.
     """
 
     def __init__(
@@ -42,12 +45,14 @@ class Encoder(nn.Module):
         readouts: nn.ModuleDict,
         shifters: nn.ModuleDict | None = None,
         output_activation: nn.Module | None = None,
+        float32_readout: bool = False,
     ) -> None:
         super().__init__()
         self.core = core
         self.readouts = readouts
         self.shifters = shifters
         self.output_activation = output_activation if output_activation is not None else ELU1()
+        self.float32_readout = float32_readout
 
     @classmethod
     def build(
@@ -59,13 +64,14 @@ class Encoder(nn.Module):
         output_activation: nn.Module | None = None,
         video_shape: tuple[int, int] = (36, 64),
         frames: int = 80,
+        float32_readout: bool = False,
     ) -> Encoder:
         """One readout (and shifter) per mouse in ``neurons``, sized by the core's output for a video of shape
         ``(1, frames, *video_shape)``."""
         c, _, h, w = core.output_shape((1, frames, *video_shape))
         readouts = nn.ModuleDict({mouse: readout((c, h, w), info) for mouse, info in neurons.items()})
         shifters = nn.ModuleDict({mouse: shifter() for mouse in neurons}) if shifter is not None else None
-        return cls(core, readouts, shifters, output_activation)
+        return cls(core, readouts, shifters, output_activation, float32_readout)
 
     def forward(
         self, video: Tensor, mouse_id: str, behavior: Tensor | None = None, pupil_center: Tensor | None = None
@@ -78,6 +84,15 @@ class Encoder(nn.Module):
     ) -> Tensor:
         """Core features ``(B, C', T', H', W')`` → ``mouse_id``'s responses ``(B, N, T')`` (shifter, readout,
         activation). Separate from :meth:`forward` so one core pass can feed several mice's readouts."""
+        device = features.device.type
+        if self.float32_readout and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self._read(features.float(), mouse_id, behavior, pupil_center)
+        return self._read(features, mouse_id, behavior, pupil_center)
+
+    def _read(
+        self, features: Tensor, mouse_id: str, behavior: Tensor | None = None, pupil_center: Tensor | None = None
+    ) -> Tensor:
         t_out = features.shape[2]
         shift = None
         if self.shifters is not None:

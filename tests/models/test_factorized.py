@@ -286,6 +286,24 @@ def test_encoder_aligns_the_shifter_to_the_last_frames_and_needs_pupil_center() 
         encoder(video, "a", behavior)
 
 
+def test_float32_readout_reads_the_autocast_core_in_float32() -> None:
+    """Under bf16 autocast, ``float32_readout`` gives float32 responses: the readout of the bf16 core features
+    in float32, exactly; without it the readout computes in bf16 and its rounding shows."""
+    encoder = make_encoder(a=7).eval()
+    video, behavior, pupil = make_inputs(batch=1, frames=30)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = encoder.core(video, behavior, pupil)
+        low = encoder(video, "a", behavior, pupil)
+        encoder.float32_readout = True
+        high = encoder(video, "a", behavior, pupil)
+    assert features.dtype == torch.bfloat16 and high.dtype == torch.float32
+    with torch.no_grad():
+        expected = encoder.read(features.float(), "a", behavior, pupil)  # no autocast: float32 throughout
+    assert torch.equal(high, expected)
+    assert not torch.equal(low.float(), expected)
+    assert torch.allclose(low.float(), expected, rtol=0.05, atol=0.05)
+
+
 def test_elu1_is_positive_and_offsets() -> None:
     x = torch.tensor([-50.0, 0.0, 2.0])
     torch.testing.assert_close(ELU1()(x), torch.tensor([math.exp(-50.0), 1.0, 3.0]))
