@@ -8,7 +8,8 @@ load). On a CPU with native bf16 (AMX, AVX512-BF16) the convolutions run
 in bf16; elsewhere autocast emulates it and is slower. Reports whether this machine computes bf16 natively
 (:func:`lightning_sensorium.demo.native_bf16`).
 
-    python benchmarks/bench_precision.py [--config experiments/factorized.yaml] [--batches 12] [--iters 24]
+    python benchmarks/bench_precision.py [--config experiments/factorized.yaml] [--batches 12] [--iters 24] \
+        [-- <options that replace the demo overrides, e.g. --model.core.init_args.hidden_channels "[16, 16, 16]">]
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--data", default="data/stores", help="stores (the demo's by default)")
     parser.add_argument("--batches", type=int, default=12, help="training batches cached and cycled")
     parser.add_argument("--iters", type=int, default=24, help="timed steps per precision")
+    parser.add_argument("overrides", nargs="*", help="after --: options that replace the demo overrides")
     ns = parser.parse_args(argv)
-    args = ["--config", ns.config, "--data.root", ns.data, *demo_overrides(ns.config)]
+    args = ["--config", ns.config, "--data.root", ns.data, *demo_overrides(ns.config), *ns.overrides]
     cli = lightning_main(with_defaults(args), run=False)
     module, dm = cli.model, cli.datamodule
     dm.setup("fit")

@@ -7,6 +7,7 @@ itself (loss, optimiser, callbacks, data mode) is what the YAML says. Every conf
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,10 @@ def test_demo_overrides_name_real_options(config: str, tiny_stores: Path, tmp_pa
     assert cli.model.frame_step == cli.datamodule.frame_step  # linked
     if "data.frame_step" in DEMO_OVERRIDES[config]:
         assert cli.datamodule.frame_step == int(DEMO_OVERRIDES[config]["data.frame_step"])
+    if "trainer.callbacks+" in DEMO_OVERRIDES[config]:  # appended to the experiment's callbacks, not replacing them
+        appended = json.loads(DEMO_OVERRIDES[config]["trainer.callbacks+"])["class_path"].rsplit(".", 1)[1]
+        names = {type(c).__name__ for c in cli.trainer.callbacks}
+        assert {appended, "ModelCheckpoint"} <= names
 
 
 @pytest.mark.parametrize(
