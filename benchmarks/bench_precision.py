@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
-import sys
-import time
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from _report import machine_line, time_steps
+from torch import Tensor
 
 from lightning_sensorium.cli import lightning_main, with_defaults
 from lightning_sensorium.demo import demo_overrides, native_bf16
@@ -45,32 +47,33 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     batches = [next(loader) for _ in range(ns.batches)]
     device = next(module.parameters()).device.type
     encoder = module.encoder
-    # name → (autocast dtype or None, Encoder.float32_readout)
+
+    def loss(dtype: torch.dtype | None, float32_readout: bool, cycle: Iterator[dict[str, Any]]) -> Callable[[], Tensor]:
+        """The training loss of the next cached batch, under autocast to ``dtype`` (None: float32)."""
+
+        def run() -> Tensor:
+            encoder.float32_readout = float32_readout
+            context = torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+            with context:
+                return module.training_step(next(cycle), 0)
+
+        return run
+
+    def step() -> None:
+        optimizer.step()
+        optimizer.zero_grad()
+
+    # name → (autocast dtype or None, Encoder.float32_readout); every variant cycles through the same batches
     variants = {
         "float32": (None, False),
         "bf16 autocast": (torch.bfloat16, False),
         "bf16 autocast, float32 readout": (torch.bfloat16, True),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for i in range(ns.iters + 1):  # the first round warms up and is not kept
-        batch = batches[i % len(batches)]
-        for name, (dtype, float32_readout) in variants.items():
-            encoder.float32_readout = float32_readout
-            context = torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-            start = time.perf_counter()
-            with context:
-                loss = module.training_step(batch, i)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if i > 0:
-                times[name].append(time.perf_counter() - start)
+    params = list(module.parameters())
+    runs = {name: (loss(*v, itertools.cycle(batches)), params) for name, v in variants.items()}
+    times = time_steps(runs, ns.iters, step)
     medians = {name: float(np.median(t)) for name, t in times.items()}
-    command = "python benchmarks/bench_precision.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(
-        f"\nMachine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"native bf16: {native_bf16()}. Command: `{command}`.\n"
-    )
+    print(f"\n{machine_line('bench_precision.py', argv, f'native bf16: {native_bf16()}')}\n")
     print(f"| {ns.config} demo model, batch {batches[0]['video'].shape[0]} | s / step (median) | speed-up |")
     print("|---|---|---|")
     for name, median in medians.items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["factorized", "gru", "dwiseneuro", "dynamic_v1fm", "viv1t"]
@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"  {name}: {json.dumps(rows[name])}", flush=True)
         (ns.out / "summary.json").write_text(json.dumps(rows, indent=2))
-    print(
-        f"\nMachine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
-        f"Command: `python benchmarks/bench_quality.py {' '.join(sys.argv[1:] if argv is None else argv)}`.\n"
-    )
+    print(f"\n{machine_line('bench_quality.py', argv)}\n")
     print("| model | optimizer steps | single-trial corr | ground-truth corr | fraction of ground truth |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
