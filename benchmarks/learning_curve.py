@@ -11,13 +11,20 @@ config), then trains it with a plain loop — no Lightning Trainer, no validatio
 
 The BENCHMARKS.md sections on the factorized demo recipe compare such curves side by side (one run at a time).
 
+``--max-steps`` with ``--every-steps`` compares recipes at equal optimizer steps instead (fair on a machine whose
+speed drifts); ``--precision bf16-mixed`` trains under bf16 autocast, as the demo does on a CPU with native bf16;
+``--ema DECAY`` scores an exponential moving average of the weights and buffers (the demo's ``EMA`` callback's
+blend) instead of the raw ones.
+
     python benchmarks/learning_curve.py --budget 300 --every 50 --config experiments/factorized.yaml \\
-        [--schedule constant|cosine|decay] [--decay-fraction 0.3] [--out curve.json] -- <lightning options>
+        [--schedule constant|cosine|decay] [--decay-fraction 0.3] [--max-steps N --every-steps K] \\
+        [--precision 32-true|bf16-mixed] [--ema DECAY] [--out curve.json] -- <lightning options>
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -29,6 +36,7 @@ import torch
 from _diagnostics import correlation
 
 from lightning_sensorium.callbacks import BudgetDecay
+from lightning_sensorium.callbacks.ema import EMAMultiAvg
 from lightning_sensorium.cli import lightning_main, with_defaults
 from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
 
@@ -64,6 +72,21 @@ def score(module: Any, batches: list[dict[str, Any]], release: Path, skip: int =
     return out
 
 
+def score_with(
+    module: Any, averaged: dict[str, torch.Tensor] | None, batches: list[dict[str, Any]], release: Path
+) -> dict[str, Any]:
+    """:func:`score` of ``module`` with the ``averaged`` weights and buffers loaded (None: its own), then its own
+    weights restored."""
+    if averaged is None:
+        return score(module, batches, release)
+    own = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(averaged)
+    try:
+        return score(module, batches, release)
+    finally:
+        module.load_state_dict(own)
+
+
 def factor(schedule: str, progress: float, fraction: float) -> float:
     """Learning-rate factor at ``progress`` ∈ [0, 1] of the budget."""
     if schedule == "cosine":
@@ -80,6 +103,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--every", type=float, default=50.0, help="seconds between scores")
     parser.add_argument("--schedule", choices=["constant", "cosine", "decay"], default="constant")
     parser.add_argument("--decay-fraction", type=float, default=0.3, help="share of the budget `decay` spends")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps too")
+    parser.add_argument("--every-steps", type=int, default=None, help="score every this many steps, not seconds")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true", help="training precision")
+    parser.add_argument("--ema", type=float, default=None, help="score an EMA of the weights with this decay")
     parser.add_argument("--trials", type=int, default=4, help="oracle trials per mouse to score on")
     parser.add_argument("--data", default="data/stores", help="stores of synthetic mice")
     parser.add_argument("--release", type=Path, default=Path("data/synthetic"), help="their synthetic release")
@@ -88,6 +115,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if not 0 < args.decay_fraction <= 1:
         parser.error(f"--decay-fraction {args.decay_fraction}: expected a share in (0, 1]")
+    if args.ema is not None and not 0 <= args.ema < 1:
+        parser.error(f"--ema {args.ema}: expected a decay in [0, 1)")
     cli = lightning_main(with_defaults(["--config", args.config, "--data.root", args.data, *args.overrides]), run=False)
     module, dm = cli.model, cli.datamodule
     dm.setup("fit")
@@ -98,6 +127,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not batches or "rates" not in batches[0]:
         raise SystemExit(f"{args.data}: no oracle trials with ground-truth rates (a synthetic tree is needed)")
     curve, step, next_score = [], 0, args.every
+    device = next(module.parameters()).device.type
+    bf16 = args.precision == "bf16-mixed"
+    state = module.state_dict(keep_vars=True)  # name → the module's own tensors
+    averaged = {k: v.detach().clone() for k, v in state.items()} if args.ema is not None else None
+    blend = EMAMultiAvg(args.ema) if args.ema is not None else None
     loader = iter(dm.train_dataloader())
     start = time.perf_counter()
     while True:
@@ -106,22 +140,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         except StopIteration:
             loader = iter(dm.train_dataloader())
             batch = next(loader)
-        module.training_step(batch, step).backward()
+        with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = module.training_step(batch, step)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         step += 1
+        if averaged is not None and blend is not None:
+            for name, tensor in state.items():  # one tensor per call: EMAMultiAvg takes one dtype at a time
+                blend([averaged[name]], [tensor.detach()], torch.zeros(()))
         elapsed = time.perf_counter() - start
+        done = elapsed >= args.budget or (args.max_steps is not None and step >= args.max_steps)
         scale = factor(args.schedule, min(elapsed / args.budget, 1.0), args.decay_fraction)
         for group, lr in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = lr * scale
-        if elapsed >= next_score or elapsed >= args.budget:
+        due = step % args.every_steps == 0 if args.every_steps else elapsed >= next_score
+        if due or done:
             paused = time.perf_counter()
-            point = {"t": round(elapsed), "step": step, **score(module, batches, args.release)}
+            point = {"t": round(elapsed), "step": step, **score_with(module, averaged, batches, args.release)}
             start += time.perf_counter() - paused  # scoring is not training time
             curve.append(point)
             print(json.dumps(point), flush=True)
             next_score += args.every
-            if elapsed >= args.budget:
+            if done:
                 break
     if args.out is not None:
         args.out.write_text(json.dumps(curve, indent=1))

@@ -46,6 +46,10 @@ def test_datamodule_batches(tiny_stores: Path) -> None:
     assert b["video"].shape == (3, 1, 30, 36, 64) and b["responses"].shape == (3, 24, 30)
     assert b["behavior"].shape == (3, 2, 30) and b["pupil_center"].shape == (3, 2, 30)
     assert torch.isfinite(b["video"]).all()
+    # The noiseless rates of the synthetic mice come with evaluation trials only: no loss reads them.
+    assert "rates" not in b
+    trials = next(iter(dm.trial_loader(["oracle"], max_trials=1)))
+    assert trials["rates"].shape == trials["responses"].shape
     # Same seed, same windows; another epoch, other windows.
     again = next(
         iter(

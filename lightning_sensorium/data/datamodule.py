@@ -100,7 +100,7 @@ class _WindowReader(Dataset):
         return self.epoch_batches
 
     def __getitem__(self, plan: list[tuple[str, int, int]]) -> Batch:  # type: ignore[override,unused-ignore]
-        return self.dm._collate([self.dm._read(m, t, s, s + self.dm.span) for m, t, s in plan])
+        return self.dm._collate([self.dm._read(m, t, s, s + self.dm.span, rates=False) for m, t, s in plan])
 
 
 class _EvalTrials(Dataset):
@@ -341,10 +341,13 @@ class SensoriumDataModule(L.LightningDataModule):
         start = int(rng.integers(0, int(self.stores[mouse].length[trial]) - self.span + 1))
         return trial, start
 
-    def _read(self, mouse: str, trial: int, start: int, stop: int) -> dict[str, Any]:
-        """One sample: normalised tensors, neurons before time. Reads ``[start, stop)`` then subsamples by step."""
+    def _read(self, mouse: str, trial: int, start: int, stop: int, rates: bool = True) -> dict[str, Any]:
+        """One sample: normalised tensors, neurons before time. Reads ``[start, stop)`` then subsamples by step.
+
+        ``rates``: add the noiseless rates where :attr:`with_ground_truth` and the store has them (evaluation
+        reads; no training loss reads them, so training windows skip them: a fifth of a window's reading)."""
         store = self.stores[mouse]
-        want_rates = self.with_ground_truth and store.has_ground_truth
+        want_rates = rates and self.with_ground_truth and store.has_ground_truth
         raw = store.read(trial, start, stop, rates=want_rates)
         step = self.frame_step if stop - start == self.span else 1
         raw = {k: v[::step] for k, v in raw.items()}  # (T, ...) every step-th frame
@@ -370,6 +373,8 @@ class SensoriumDataModule(L.LightningDataModule):
         t_max = max(s["video"].shape[1] for s in samples)
 
         def pad(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1 if x.dim() != 4 else 1] == t_max:
+                return x  # nothing to pad (every training window): no copy before the stack
             return (
                 torch.nn.functional.pad(x, (0, 0, 0, 0, 0, t_max - x.shape[1]))
                 if x.dim() == 4

@@ -113,7 +113,10 @@ class Normalizer:
         self.relative_precision = (self.precision / np.where(mean_precision > 0, mean_precision, 1.0)).astype(
             np.float32
         )
-        self.video_inv_std = (1.0 / self.video_std).astype(np.float32)
+        # C-contiguous (time first), as the windows are: statistics that arrive time-last (a broadcast or
+        # transposed array) made the video's normalisation 15× slower than a contiguous product.
+        self.video_mean = np.ascontiguousarray(self.video_mean)
+        self.video_inv_std = np.ascontiguousarray(1.0 / self.video_std, dtype=np.float32)
         self.pupil_inv_std = (1.0 / self.pupil_std).astype(np.float32)
 
     def __call__(self, raw: dict[str, np.ndarray], frames: np.ndarray) -> dict[str, np.ndarray]:
