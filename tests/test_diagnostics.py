@@ -135,3 +135,12 @@ def test_learning_curve(tiny_stores: Path, tiny_release: Path, tmp_path: Path) -
     assert all(np.isfinite(p["r"]) and np.isfinite(p["y"]) and len(p["pos"]) == 2 for p in points)
     assert curve.factor("decay", 0.5, 0.3) == 1.0 and curve.factor("decay", 0.85, 0.3) == pytest.approx(0.5)
     assert curve.factor("cosine", 1.0, 0.3) == pytest.approx(0.0)
+
+
+def test_bench_loader(tiny_stores: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    loader = _script("bench_loader")
+    args = ["--config", str(EXPERIMENTS / "factorized.yaml"), "--data", str(tiny_stores)]
+    result = loader.main([*args, "--batches", "3", "--warmup", "1", "--repeats", "2", "--", "--data.frames", "24"])
+    assert 0 < result["s_per_batch"] < 10
+    out = capsys.readouterr().out
+    assert "ms / batch" in out and "3 batches × 2" in out and "code: " in out
