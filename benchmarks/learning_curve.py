@@ -13,12 +13,13 @@ The BENCHMARKS.md sections on the factorized demo recipe compare such curves sid
 
 ``--max-steps`` with ``--every-steps`` compares recipes at equal optimizer steps instead (fair on a machine whose
 speed drifts); ``--precision bf16-mixed`` trains under bf16 autocast, as the demo does on a CPU with native bf16;
-``--ema DECAY`` scores an exponential moving average of the weights and buffers (the demo's ``EMA`` callback's
-blend) instead of the raw ones.
+``--ema DECAY [DECAY ...]`` scores an exponential moving average of the weights and buffers (the demo's ``EMA``
+callback's blend) instead of the raw ones: the first decay's gives ``r``, ``y`` and ``pos``; with several, every point
+also holds ``r_ema`` (decay → ``r``), so one run compares decays at equal steps.
 
     python benchmarks/learning_curve.py --budget 300 --every 50 --config experiments/factorized.yaml \\
         [--schedule constant|cosine|decay] [--decay-fraction 0.3] [--max-steps N --every-steps K] \\
-        [--precision 32-true|bf16-mixed] [--ema DECAY] [--out curve.json] -- <lightning options>
+        [--precision 32-true|bf16-mixed] [--ema DECAY ...] [--out curve.json] -- <lightning options>
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps too")
     parser.add_argument("--every-steps", type=int, default=None, help="score every this many steps, not seconds")
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true", help="training precision")
-    parser.add_argument("--ema", type=float, default=None, help="score an EMA of the weights with this decay")
+    parser.add_argument(
+        "--ema", type=float, nargs="+", default=[], help="score EMAs of the weights with these decays (see above)"
+    )
     parser.add_argument("--trials", type=int, default=4, help="oracle trials per mouse to score on")
     parser.add_argument("--data", default="data/stores", help="stores of synthetic mice")
     parser.add_argument("--release", type=Path, default=Path("data/synthetic"), help="their synthetic release")
@@ -115,8 +118,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if not 0 < args.decay_fraction <= 1:
         parser.error(f"--decay-fraction {args.decay_fraction}: expected a share in (0, 1]")
-    if args.ema is not None and not 0 <= args.ema < 1:
-        parser.error(f"--ema {args.ema}: expected a decay in [0, 1)")
+    for decay in args.ema:
+        if not 0 <= decay < 1:
+            parser.error(f"--ema {decay}: expected a decay in [0, 1)")
     cli = lightning_main(with_defaults(["--config", args.config, "--data.root", args.data, *args.overrides]), run=False)
     module, dm = cli.model, cli.datamodule
     dm.setup("fit")
@@ -130,8 +134,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device = next(module.parameters()).device.type
     bf16 = args.precision == "bf16-mixed"
     state = module.state_dict(keep_vars=True)  # name → the module's own tensors
-    averaged = {k: v.detach().clone() for k, v in state.items()} if args.ema is not None else None
-    blend = EMAMultiAvg(args.ema) if args.ema is not None else None
+    # decay → (its blend, its averaged weights and buffers by name)
+    averages = {d: (EMAMultiAvg(d), {k: v.detach().clone() for k, v in state.items()}) for d in args.ema}
     loader = iter(dm.train_dataloader())
     start = time.perf_counter()
     while True:
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         optimizer.step()
         optimizer.zero_grad()
         step += 1
-        if averaged is not None and blend is not None:
+        for blend, averaged in averages.values():
             for name, tensor in state.items():  # one tensor per call: EMAMultiAvg takes one dtype at a time
                 blend([averaged[name]], [tensor.detach()], torch.zeros(()))
         elapsed = time.perf_counter() - start
@@ -157,7 +161,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         due = step % args.every_steps == 0 if args.every_steps else elapsed >= next_score
         if due or done:
             paused = time.perf_counter()
-            point = {"t": round(elapsed), "step": step, **score_with(module, averaged, batches, args.release)}
+            first = averages[args.ema[0]][1] if args.ema else None
+            point = {"t": round(elapsed), "step": step, **score_with(module, first, batches, args.release)}
+            if len(args.ema) > 1:
+                point["r_ema"] = {
+                    str(d): score_with(module, a, batches, args.release)["r"] for d, (_, a) in averages.items()
+                }
             start += time.perf_counter() - paused  # scoring is not training time
             curve.append(point)
             print(json.dumps(point), flush=True)

@@ -128,11 +128,15 @@ def test_learning_curve(tiny_stores: Path, tiny_release: Path, tmp_path: Path) -
     out = tmp_path / "curve.json"
     args = ["--config", str(EXPERIMENTS / "factorized.yaml"), "--budget", "2", "--every", "1", "--trials", "2"]
     args += ["--schedule", "decay", "--data", str(tiny_stores), "--release", str(tiny_release), "--out", str(out)]
+    args += ["--ema", "0.5", "0.0"]
     points = curve.main([*args, "--", "--trainer.logger", "false", "--data.frames", "24", *TINY_FIT[:2]])
     assert points == json.loads(out.read_text())
     assert len(points) >= 2 and points[-1]["t"] >= 2
     assert [p["step"] for p in points] == sorted(p["step"] for p in points) and points[0]["step"] >= 1
     assert all(np.isfinite(p["r"]) and np.isfinite(p["y"]) and len(p["pos"]) == 2 for p in points)
+    # decay 0 averages nothing: the weights themselves; the first decay's r is the point's own
+    assert all(set(p["r_ema"]) == {"0.5", "0.0"} and p["r_ema"]["0.5"] == pytest.approx(p["r"]) for p in points)
+    assert all(p["r_ema"]["0.0"] != p["r_ema"]["0.5"] for p in points)  # separate averages
     assert curve.factor("decay", 0.5, 0.3) == 1.0 and curve.factor("decay", 0.85, 0.3) == pytest.approx(0.5)
     assert curve.factor("cosine", 1.0, 0.3) == pytest.approx(0.0)
 
