@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import machine_line
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -32,9 +33,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("overrides", nargs="*", help="after --: options that replace the demo overrides")
     ns = parser.parse_args(argv)
     sys.path.insert(0, str(Path.cwd()))  # the checkout we stand in (see the docstring)
-    sys.path.insert(1, str(Path(__file__).resolve().parent))
-    from _report import machine_line
-
     from lightning_sensorium.cli import lightning_main, with_defaults
     from lightning_sensorium.demo import demo_overrides
 

@@ -163,10 +163,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             paused = time.perf_counter()
             first = averages[args.ema[0]][1] if args.ema else None
             point = {"t": round(elapsed), "step": step, **score_with(module, first, batches, args.release)}
-            if len(args.ema) > 1:
-                point["r_ema"] = {
-                    str(d): score_with(module, a, batches, args.release)["r"] for d, (_, a) in averages.items()
-                }
+            if len(args.ema) > 1:  # the first decay's r is the point's own: not scored again
+                others = {d: a for d, (_, a) in averages.items() if d != args.ema[0]}
+                point["r_ema"] = {str(args.ema[0]): point["r"]}
+                point["r_ema"] |= {str(d): score_with(module, a, batches, args.release)["r"] for d, a in others.items()}
             start += time.perf_counter() - paused  # scoring is not training time
             curve.append(point)
             print(json.dumps(point), flush=True)
