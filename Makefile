@@ -28,10 +28,11 @@ test: install ## run the CI test suite (CPU, tiny synthetic mice)
 test-full: install ## run every test, slow ones included (no GPU tests)
 	$(BIN)/pytest -m "not gpu" -q
 
-lint: install ## ruff lint + format check, mypy
+lint: install ## ruff lint + format check, mypy, the import layers (lint-imports, see pyproject.toml)
 	$(BIN)/ruff check lightning_sensorium tests benchmarks
 	$(BIN)/ruff format --check lightning_sensorium tests benchmarks
 	$(BIN)/mypy lightning_sensorium
+	$(BIN)/lint-imports --no-cache --no-logo
 
 format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix lightning_sensorium tests benchmarks

@@ -1,15 +1,15 @@
 """Training-step time in float32 vs bf16 autocast (``trainer.precision: bf16-mixed``), side by side.
 
-Builds an experiment's CPU-sized demo model and data exactly as ``python -m lightning_sensorium.demo`` does
-(``demo.DEMO_OVERRIDES``), caches ``--batches`` training batches, then times whole optimizer steps (forward, loss,
-backward, optimizer step) in float32, under ``torch.autocast(dtype=torch.bfloat16)``, and under autocast with the
-readout in float32 (``model.float32_readout``), alternating step by step (fair under a shared machine's drifting
-load). On a CPU with native bf16 (AMX, AVX512-BF16) the convolutions run
-in bf16; elsewhere autocast emulates it and is slower. Reports whether this machine computes bf16 natively
-(:func:`lightning_sensorium.demo.native_bf16`).
+Builds an experiment's CPU-sized demo model and data exactly as ``python -m lightning_sensorium.demo`` does (the
+experiment and its CPU recipe ``experiments/cpu/<model>.yaml``), caches ``--batches`` training batches, then times
+whole optimizer steps (forward, loss, backward, optimizer step) in float32, under
+``torch.autocast(dtype=torch.bfloat16)``, and under autocast with the readout in float32 (``model.float32_readout``),
+alternating step by step (fair under a shared machine's drifting load). On a CPU with native bf16 (AMX, AVX512-BF16)
+the convolutions run in bf16; elsewhere autocast emulates it and is slower. Reports whether this machine computes bf16
+natively (:func:`lightning_sensorium.demo.native_bf16`).
 
     python benchmarks/bench_precision.py [--config experiments/factorized.yaml] [--batches 12] [--iters 24] \
-        [-- <options that replace the demo overrides, e.g. --model.core.init_args.hidden_channels "[16, 16, 16]">]
+        [-- <options applied after the CPU recipe, e.g. --model.core.init_args.hidden_channels "[16, 16, 16]">]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 from _report import machine_line, time_steps
 from torch import Tensor
 
-from lightning_sensorium.cli import lightning_main, with_defaults
-from lightning_sensorium.demo import demo_overrides, native_bf16
+from lightning_sensorium.demo import native_bf16, recipe_args
+from lightning_sensorium.launch import run_lightning, with_experiment_defaults
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--data", default="data/stores", help="stores (the demo's by default)")
     parser.add_argument("--batches", type=int, default=12, help="training batches cached and cycled")
     parser.add_argument("--iters", type=int, default=24, help="timed steps per precision")
-    parser.add_argument("overrides", nargs="*", help="after --: options that replace the demo overrides")
+    parser.add_argument("overrides", nargs="*", help="after --: options applied after the CPU recipe")
     ns = parser.parse_args(argv)
-    args = ["--config", ns.config, "--data.root", ns.data, *demo_overrides(ns.config), *ns.overrides]
-    cli = lightning_main(with_defaults(args), run=False)
+    args = [*recipe_args(ns.config), "--data.root", ns.data, *ns.overrides]
+    cli = run_lightning(with_experiment_defaults(args), run=False)
     module, dm = cli.model, cli.datamodule
     dm.setup("fit")
     optimizers = module.configure_optimizers()

@@ -4,7 +4,7 @@ For every config given (default: the six models), runs ``python -m lightning_sen
 --minutes M`` in its own process, one after the other (never two trainings at once), and collects the pooled
 ``final_test_main`` metrics of its ``metrics.json``: single-trial correlation, the ground-truth oracle (the
 correlation of the generator's noiseless rates with the recorded responses) and the fraction of it reached. The
-demo model sizes are ``lightning_sensorium.demo.DEMO_OVERRIDES``.
+demo model sizes are the CPU recipes ``experiments/cpu/<model>.yaml``.
 
     python benchmarks/bench_quality.py [--minutes 10] [--configs experiments/gru.yaml ...] [--out DIR]
 """

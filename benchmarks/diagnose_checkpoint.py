@@ -62,7 +62,7 @@ def predict(module: Any, batches: list[dict[str, Any]], skip: int) -> list[tuple
     out = []
     with torch.no_grad():
         for b in batches:
-            p = module.predict_full(b)  # (B, N, T)
+            p = module.predict_whole_trials(b)  # (B, N, T)
             for i in range(p.shape[0]):
                 length = int(b["length"][i])
                 out.append((p[i, :, skip:length].numpy(), b["rates"][i, :, skip:length].numpy()))

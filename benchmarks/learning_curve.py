@@ -20,6 +20,8 @@ also holds ``r_ema`` (decay → ``r``), so one run compares decays at equal step
     python benchmarks/learning_curve.py --budget 300 --every 50 --config experiments/factorized.yaml \\
         [--schedule constant|cosine|decay] [--decay-fraction 0.3] [--max-steps N --every-steps K] \\
         [--precision 32-true|bf16-mixed] [--ema DECAY ...] [--out curve.json] -- <lightning options>
+
+The demo's model is the experiment with its CPU recipe: ``-- --config experiments/cpu/factorized.yaml``.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from _diagnostics import correlation
 
 from lightning_sensorium.callbacks import BudgetDecay
 from lightning_sensorium.callbacks.ema import EMAMultiAvg
-from lightning_sensorium.cli import lightning_main, with_defaults
 from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
+from lightning_sensorium.launch import run_lightning, with_experiment_defaults
 
 
 def score(module: Any, batches: list[dict[str, Any]], release: Path, skip: int = 50) -> dict[str, Any]:
@@ -48,7 +50,7 @@ def score(module: Any, batches: list[dict[str, Any]], release: Path, skip: int =
     per_mouse: dict[str, list[tuple[np.ndarray, ...]]] = {}
     with torch.no_grad():
         for b in batches:
-            p = module.predict_full(b)  # (B, N, T)
+            p = module.predict_whole_trials(b)  # (B, N, T)
             for i in range(p.shape[0]):
                 sl = slice(skip, int(b["length"][i]))
                 trial = (p[i, :, sl].numpy(), b["rates"][i, :, sl].numpy(), b["responses"][i, :, sl].numpy())
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for decay in args.ema:
         if not 0 <= decay < 1:
             parser.error(f"--ema {decay}: expected a decay in [0, 1)")
-    cli = lightning_main(with_defaults(["--config", args.config, "--data.root", args.data, *args.overrides]), run=False)
+    argv_fit = ["--config", args.config, "--data.root", args.data, *args.overrides]
+    cli = run_lightning(with_experiment_defaults(argv_fit), run=False)
     module, dm = cli.model, cli.datamodule
     dm.setup("fit")
     optimizers = module.configure_optimizers()

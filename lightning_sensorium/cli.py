@@ -1,14 +1,13 @@
 """One command line for everything: ``lightning-sensorium``, ``lightning`` and ``python -m lightning_sensorium``.
 
-``fit``, ``validate``, ``test`` and ``predict`` go to :class:`SensoriumCLI` (a LightningCLI); the project's own
-subcommands (``synth``, ``convert``, ...) are argparse parsers that sit beside them. Heavy imports happen inside
-the handlers so that ``--help`` stays fast.
+``fit``, ``validate``, ``test`` and ``predict`` go to :class:`lightning_sensorium.launch.SensoriumCLI` (a
+LightningCLI); the project's own subcommands (``synth``, ``convert``, ...) are argparse parsers beside them. Nothing
+imports this module; it imports the workflows inside the handlers so that ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,37 +19,6 @@ from lightning_sensorium import __version__
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 PROG = "lightning-sensorium"
-
-
-# --------------------------------------------------------------------------------------------------- LightningCLI
-def lightning_main(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True) -> Any:
-    """Run LightningCLI on ``args`` (a list of strings or a config dict); returns the CLI object."""
-    from jsonargparse import set_parsing_settings
-    from lightning.pytorch.cli import LightningCLI
-
-    from lightning_sensorium.data.datamodule import SensoriumDataModule
-    from lightning_sensorium.module import SensoriumModule
-
-    # `omegaconf+` resolves ${...} after every config and override is merged; absolute paths work under
-    # subcommands with this setting (ecosystem.md §1).
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-
-    class SensoriumCLI(LightningCLI):
-        """LightningCLI with the project's argument links: data-derived values flow once, data → model."""
-
-        def add_arguments_to_parser(self, parser: Any) -> None:
-            for name in ("neurons", "dataset_sizes", "video_shape"):
-                parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
-            parser.link_arguments("data.frame_step", "model.frame_step")
-
-    return SensoriumCLI(
-        SensoriumModule,
-        SensoriumDataModule,
-        parser_kwargs={"parser_mode": "omegaconf+"},
-        save_config_kwargs={"overwrite": True},
-        args=list(args) if isinstance(args, Sequence) and not isinstance(args, str) else args,  # type: ignore[arg-type]
-        run=run,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- own subcommands
@@ -216,6 +184,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 def _run_infer(ns: argparse.Namespace) -> int:
     from lightning_sensorium.prediction import predict_stimuli, predict_tiers
 
+    if ns.out.exists() and not ns.overwrite:
+        raise FileExistsError(f"--out {ns.out} exists; pass --overwrite to replace it")
     common = {"data": {"root": ns.root, "mice": ns.mice}, "accelerator": ns.accelerator, "progress": not ns.quiet}
     if ns.stimulus is not None:
         if ns.tiers or ns.max_trials:
@@ -365,13 +335,41 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--export-best", metavar="STUDY", help="write the best trial's experiment config to --out")
     p.add_argument("--out", type=Path, help="output file of --export-best, e.g. experiments/viv1t_best.yaml")
+    p.set_defaults(handler=_run_sweep)
 
-    def handler(ns: argparse.Namespace) -> int:
-        from lightning_sensorium.sweeps import main as sweep_main
 
-        return sweep_main(ns)
+def _parse_set(items: Sequence[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items → overrides; VALUE is read as YAML (``4``, ``[4, 4]``, ``true``, ``/path``)."""
+    import yaml
 
-    p.set_defaults(handler=handler)
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.root=/data/stores")
+        out[key.removeprefix("--")] = yaml.safe_load(value)
+    return out
+
+
+def _run_sweep(ns: argparse.Namespace) -> int:
+    from lightning_sensorium.sweeps import default_storage, export_best, load_sweep, run_sweep
+
+    if ns.export_best:
+        if not ns.out:
+            raise ValueError("--export-best needs --out FILE")
+        log_dir = load_sweep(ns.sweep_file).log_dir if ns.sweep_file else "runs"
+        out = export_best(ns.export_best, ns.storage or default_storage(ns.export_best, log_dir), ns.out)
+        print(f"wrote {out}")
+        return 0
+    if not ns.sweep_file:
+        raise ValueError("give a sweep file (sweeps/<model>.yaml), or --export-best STUDY --out FILE")
+    sweep = load_sweep(ns.sweep_file, _parse_set(ns.set))
+    try:
+        run_sweep(sweep, n_trials=ns.n_trials, storage=ns.storage, study_name=ns.study_name, create_only=ns.create_only)
+    except KeyboardInterrupt:
+        print("sweep interrupted: the running trial is queued again; rerun the same command to continue")
+        return 130
+    return 0
 
 
 #: The project's own subcommands: name → function that adds its parser.
@@ -408,51 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cli_args(values: dict[str, Any]) -> list[str]:
-    """Dotted path → value pairs as LightningCLI arguments.
-
-    Strings go as they are (jsonargparse keeps a ``str`` option's text verbatim, quotes included); everything else
-    as JSON, which is valid YAML, so numbers, booleans, ``null`` and lists keep their types.
-    """
-    out: list[str] = []
-    for key, value in values.items():
-        out += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    return out
-
-
-def with_defaults(argv: list[str]) -> list[str]:
-    """Put ``defaults.yaml`` from the first ``--config``'s folder before it (shared trainer, logger, callbacks).
-
-    Every ``experiments/<model>.yaml`` is complete relative to ``experiments/defaults.yaml``; this makes
-    ``lightning fit --config experiments/viv1t.yaml`` read both, in that order. An explicit
-    ``--config .../defaults.yaml`` anywhere disables it.
-    """
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            path, head = argv[i + 1], argv[:i]
-            tail = argv[i + 2 :]
-        elif arg.startswith("--config="):
-            path, head, tail = arg.split("=", 1)[1], argv[:i], argv[i + 1 :]
-        else:
-            continue
-        defaults = Path(path).parent / "defaults.yaml"
-        if Path(path).name == "defaults.yaml" or not defaults.is_file() or any("defaults.yaml" in a for a in argv):
-            return argv
-        return [*head, "--config", str(defaults), "--config", path, *tail]
-    return argv
-
-
 def main(args: Sequence[str] | None = None) -> Any:
     """Entry point of every console script. Lightning subcommands return the CLI object; others an exit code."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["predict"] and any(a == "--out" or a.startswith("--out=") for a in argv):
         argv[0] = "infer"  # `predict --ckpt_path CKPT --out preds.zarr`: the streaming zarr writer, no config needed
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        full = with_defaults(argv)
+        from lightning_sensorium.launch import run_lightning, with_experiment_defaults
+
+        full = with_experiment_defaults(argv)
         if args is None and full != argv:
             sys.argv[1:] = full  # LightningCLI reads sys.argv itself from the console
         # From the console pass None: giving LightningCLI sys.argv again only triggers a warning.
-        cli = lightning_main(None if args is None else full)
+        cli = run_lightning(None if args is None else full)
         # Console scripts call sys.exit(main()): return None there, the CLI object to Python callers.
         return cli if args is not None else None
     parser = build_parser()

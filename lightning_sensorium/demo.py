@@ -8,7 +8,6 @@ metrics.json).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,116 +16,21 @@ from lightning_sensorium.data.layout import GROUND_TRUTH_DIR, TIERS
 
 #: The demo mice: small enough to synthesise in under a minute on 2 cores, large enough to learn from.
 DEMO_MICE = {"mice": 3, "neurons": 1000, "train_trials": 100, "clips_per_tier": 2, "repeats": 10, "seed": 0}
-#: The demo trains the factorized baseline's recipe by default (``--config`` picks any experiment) ...
+#: The demo trains the factorized baseline's recipe by default (``--config`` picks any experiment) at the size of
+#: its CPU recipe, ``experiments/cpu/<model>.yaml`` layered over it (docs/training.md, "CPU recipes").
 DEMO_CONFIG = "experiments/factorized.yaml"
-_CORE = "model.core.init_args."
-#: ... at a size a 2-core CPU trains in minutes: per experiment, the options (option → value) that shrink its model
-#: and fit its schedule to a budget of minutes; the rest of the recipe (loss, optimiser, data mode) is the YAML's.
-#: The faithful models take 10–70 s per batch on 2 cores (BENCHMARKS.md); these 0.5–5 s.
-#:
-#: * Factorized baseline: 8/16/16 channels (not 32/64/128), the first layer at spatial stride 2 and every layer
-#:   zero-padded (so the later layers and the readout work on an 18 × 32 grid that covers the whole screen: the
-#:   valid convolutions lose 9 pixels on every side, where many receptive fields lie), every 2nd frame
-#:   (``frame_step: 2``, 40 frames = the same 80-frame span at half the cost; the synthetic cells, like the real
-#:   ones, are slow next to 30 Hz), whole trials predicted phase by phase, readout positions sampled closely around
-#:   μ from the start (σ init 0.1, not 1.0), learning rate 0.01, one optimizer step per batch instead of per cycle
-#:   over the mice, and the per-frame response scale (``data.response_scale``: the official targets carry a gain per
-#:   neuron and frame from the release's per-frame statistics, which the model cannot see in the video; it trains on
-#:   the targets divided by it and its predictions are multiplied by it), inputs normalised with statistics averaged
-#:   over time (``data.input_statistics``: the per-frame ones jitter, a fixed "ghost" movie), and the rate smoothed
-#:   after the readout by a learned causal kernel over 10 steps (``CalciumELU1``: the indicator's kinetics act after
-#:   the eye shift; it learns a ~0.3-s decay), which lets the first temporal kernel be 7 steps instead of 11. Where
-#:   the machine computes bf16 natively the fit runs in bf16-mixed (``--precision auto``: 1.4× the steps on an AMX
-#:   CPU) with the readout, shifter and activation in float32 (``model.float32_readout``: bf16 rounding of the
-#:   readout cost 2 points of the ground truth, float32 there costs no steps), and the model evaluated with an EMA of
-#:   its weights (decay 0.99, a ~100-step average: +1.3 points at equal steps at a constant learning rate).
-#: * GRU baseline: 4 channels × 4 rotations, an 8-channel GRU with 5×5 kernels, ``frame_step: 2``.
-#: * DwiseNeuro: 4 blocks of 16–32 channels, expansion 3, a 128/256 cortex, batches of 8; warm-up and cosine over
-#:   ~200 steps; EMA decay 0.95 (0.999 averages over more steps than the budget has); windows every 15 frames.
-#: * Dynamic-V1FM: 2 blocks of 32 channels, 2 heads, 4 × 7 × 7 windows, batches of 8, a 20-step warm-up.
-#: * ViV1T: 32-dimensional tokens, 4 heads × 8, 2 spatial + 2 temporal blocks, spatial stride 4, 80-frame crops,
-#:   batches of 8, one optimizer step per batch.
-DEMO_OVERRIDES: dict[str, dict[str, str]] = {
-    "experiments/factorized.yaml": {
-        _CORE + "hidden_channels": "[8, 16, 16]",
-        _CORE + "padding": "true",
-        _CORE + "input_stride": "2",
-        "model.readout.init_args.init_sigma": "0.1",
-        "model.accumulate_over_mice": "false",
-        "model.optimizer.init_args.lr": "0.01",
-        "data.frame_step": "2",
-        "data.frames": "40",
-        "data.response_scale": "true",
-        "data.input_statistics": "time_averaged",
-        "model.output_activation": json.dumps(
-            {"class_path": "lightning_sensorium.models.CalciumELU1", "init_args": {"taps": 10}}
-        ),
-        _CORE + "temporal_input_kernel": "7",
-        "model.float32_readout": "true",
-        # Appended to the experiment's callbacks; the checkpoint and the evaluation hold the averaged weights. The
-        # experiment's PlateauRestore never acts here: the demo runs no validation (docs/training.md, EMA).
-        "trainer.callbacks+": json.dumps(
-            {"class_path": "lightning_sensorium.callbacks.EMA", "init_args": {"decay": 0.99}}
-        ),
-    },
-    "experiments/gru.yaml": {
-        _CORE + "hidden_channels": "4",
-        _CORE + "num_rotations": "4",
-        _CORE + "gru_channels": "8",
-        _CORE + "gru_input_kernel": "5",
-        _CORE + "gru_rec_kernel": "5",
-        "model.readout.init_args.init_sigma": "0.1",
-        "model.accumulate_over_mice": "false",
-        "data.frame_step": "2",
-        "data.frames": "40",
-    },
-    "experiments/dwiseneuro.yaml": {
-        _CORE + "features": "[16, 16, 32, 32]",
-        _CORE + "spatial_strides": "[2, 1, 2, 1]",
-        _CORE + "expansion": "3",
-        _CORE + "se_reduction": "4",
-        _CORE + "cortex_features": "[128, 256]",
-        "model.scheduler.init_args.warmup_steps": "20",
-        "model.scheduler.init_args.total_steps": "200",
-        "model.eval_stride": "15",
-        "data.batch_size": "8",
-        "trainer.callbacks": json.dumps(
-            [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
-                {"class_path": "lightning_sensorium.callbacks.EMA", "init_args": {"decay": 0.95}},
-                {"class_path": "lightning_sensorium.callbacks.CutMix", "init_args": {"alpha": 1.0, "prob": 0.5}},
-            ]
-        ),
-    },
-    "experiments/dynamic_v1fm.yaml": {
-        _CORE + "embed_dim": "32",
-        _CORE + "num_blocks": "2",
-        _CORE + "num_heads": "2",
-        _CORE + "mlp_hidden": "64",
-        _CORE + "window_size": "[4, 7, 7]",
-        "model.scheduler.init_args.warmup_steps": "20",
-        "data.batch_size": "8",
-    },
-    "experiments/viv1t.yaml": {
-        _CORE + "dim": "32",
-        _CORE + "heads": "4",
-        _CORE + "head_dim": "8",
-        _CORE + "ff_dim": "48",
-        _CORE + "spatial_depth": "2",
-        _CORE + "temporal_depth": "2",
-        _CORE + "spatial_stride": "4",
-        "model.accumulate_over_mice": "false",
-        "data.frames": "80",
-        "data.batch_size": "8",
-    },
-}
 
 
-def demo_overrides(config: str) -> list[str]:
-    """``DEMO_OVERRIDES[config]`` as command-line arguments (none for an experiment without an entry)."""
-    from lightning_sensorium.cli import cli_args
+def cpu_recipe(config: str | Path) -> Path | None:
+    """The CPU-sized recipe of an experiment: ``<its folder>/cpu/<its name>``, or None where there is none."""
+    path = Path(config).parent / "cpu" / Path(config).name
+    return path if path.is_file() else None
 
-    return cli_args(DEMO_OVERRIDES.get(config, {}))
+
+def recipe_args(config: str | Path, full_size: bool = False) -> list[str]:
+    """``--config`` arguments of an experiment followed by its CPU recipe (unless ``full_size`` or it has none)."""
+    cpu = None if full_size else cpu_recipe(config)
+    return ["--config", str(config), *(["--config", str(cpu)] if cpu else [])]
 
 
 def native_bf16() -> bool:
@@ -185,11 +89,42 @@ def summarise(stores: Path) -> None:
     Console().print(table)
 
 
+def fit_args(config: str, stores: Path, minutes: float, precision: str, full_size: bool = False) -> list[str]:
+    """The ``fit`` arguments of the demo: the experiment, its CPU recipe (unless ``full_size``), a time budget."""
+    minutes_part = int(minutes)
+    seconds = int(round((minutes - minutes_part) * 60))
+    return [
+        "fit",
+        *recipe_args(config, full_size),
+        "--data.root",
+        str(stores),
+        "--trainer.max_time",
+        f"00:00:{minutes_part:02d}:{seconds:02d}",
+        "--trainer.max_epochs",
+        "-1",  # the budget is the time: no epoch cap (the YAMLs' max_epochs count full-size epochs)
+        # A CPU budget of minutes: no validation during training (evaluated after), and epochs long enough that the
+        # per-epoch work of the loop is negligible (16-sample epochs cost 15 % of the steps).
+        "--data.samples_per_epoch",
+        "512",
+        "--trainer.check_val_every_n_epoch",
+        "100000",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.precision",
+        resolve_precision(precision),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightning_sensorium.demo", description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("data"), help="data folder (default: %(default)s)")
     parser.add_argument("--minutes", type=float, default=5.0, help="CPU minutes of training (default: %(default)s)")
     parser.add_argument("--config", default=DEMO_CONFIG, help="experiment to train (default: %(default)s)")
+    parser.add_argument(
+        "--full-size",
+        action="store_true",
+        help="train the experiment as its YAML says, without its CPU recipe experiments/cpu/<model>.yaml",
+    )
     parser.add_argument(
         "--precision",
         default="auto",
@@ -201,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overrides",
         nargs="*",
         metavar="-- FIT_OPTION",
-        help="after `--`: options for `fit` (default: the CPU-sized model of DEMO_OVERRIDES for the config)",
+        help="after `--`: more options for `fit`, applied after the CPU recipe (e.g. -- --trainer.max_steps 3000)",
     )
     ns = parser.parse_args(argv)
 
@@ -210,42 +145,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.no_train:
         return 0
 
-    from lightning_sensorium.cli import lightning_main, with_defaults
-    from lightning_sensorium.evaluate import evaluate, print_table, write_json
+    from lightning_sensorium.evaluate import evaluate, print_table, write_json, write_tensorboard
+    from lightning_sensorium.launch import run_lightning, with_experiment_defaults
 
-    minutes = int(ns.minutes)
-    seconds = int(round((ns.minutes - minutes) * 60))
-    cli = lightning_main(
-        with_defaults(
-            [
-                "fit",
-                "--config",
-                ns.config,
-                "--data.root",
-                str(stores),
-                "--trainer.max_time",
-                f"00:00:{minutes:02d}:{seconds:02d}",
-                "--trainer.max_epochs",
-                "-1",  # the budget is the time: no epoch cap (the YAMLs' max_epochs count full-size epochs)
-                # A CPU budget of minutes: no validation during training (evaluated after), and epochs long enough
-                # that the per-epoch work of the loop is negligible (16-sample epochs cost 15 % of the steps).
-                "--data.samples_per_epoch",
-                "512",
-                "--trainer.check_val_every_n_epoch",
-                "100000",
-                "--trainer.num_sanity_val_steps",
-                "0",
-                "--trainer.precision",
-                resolve_precision(ns.precision),
-                *(ns.overrides or demo_overrides(ns.config)),
-            ]
-        )
-    )
+    args = fit_args(ns.config, stores, ns.minutes, ns.precision, full_size=ns.full_size)
+    cli = run_lightning(with_experiment_defaults([*args, *ns.overrides]))
     ckpt = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
     log_dir = Path(cli.trainer.logger.log_dir)
     results = evaluate(ckpt, data={"root": str(stores)}, tiers=DEMO_TIERS)
     print_table(results)
     write_json(results, log_dir / "metrics.json")
+    # The run's TensorBoard page gets the final evaluation: the table, its scalars and figures (the demo runs no
+    # validation during training, so the fit itself logs only training curves).
+    write_tensorboard(results, log_dir)
     print(f"\nmetrics: {log_dir / 'metrics.json'}\ncheckpoint: {ckpt}")
     print(f"TensorBoard: tensorboard --logdir {log_dir.parent}")
     return 0

@@ -1,7 +1,7 @@
 """Ensembles: several checkpoints (any architectures) predicting as one model, and the 14-seed baseline recipe.
 
-:class:`EnsembleModule` averages the members' :meth:`SensoriumModule.predict_full` outputs — firing rates, after
-each member's output activation, the way every SENSORIUM 2023 winner ensembles (models.md §3, §4). A frame that
+:class:`EnsembleModule` averages the members' :meth:`SensoriumModule.predict_whole_trials` — firing rates, after
+each member's output activation, the way every SENSORIUM 2023 winner ensembles (docs/evaluation.md). A frame that
 some members cannot predict (a shorter temporal receptive field than others) is the mean of the members that do;
 a frame no member predicts stays NaN. ``evaluate``, ``predict`` and ``submit`` all take one checkpoint or several
 and go through this module, so a single model is just an ensemble of one.
@@ -18,18 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sensorium.data.batch import NeuronInfo
+from lightning_sensorium.data.batch import NeuronInfo, check_same_neurons
+from lightning_sensorium.data.datamodule import SensoriumDataModule
+from lightning_sensorium.launch import run_lightning, with_experiment_defaults
+from lightning_sensorium.module import SensoriumModule
+from lightning_sensorium.predictors import mean_where_predicted, prediction_record
 
 log = logging.getLogger(__name__)
 
 
 def _load_checkpoint_dict(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -54,7 +57,7 @@ class EnsembleModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if not members:
-            raise ValueError("an ensemble needs at least one checkpoint (--ckpt_path)")
+            raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         self.checkpoints = [str(c) for c in checkpoints]
         self.datamodule_hparams = dict(datamodule_hparams or {})
@@ -64,11 +67,9 @@ class EnsembleModule(L.LightningModule):
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | Path]) -> EnsembleModule:
         """Load every checkpoint (on the CPU) and check that they fit together."""
-        from lightning_sensorium.module import SensoriumModule
-
         files = [Path(p) for p in paths]
         if not files:
-            raise ValueError("--ckpt_path: give at least one checkpoint")
+            raise ValueError("an ensemble needs at least one checkpoint path")
         members, hparams = [], []
         for path in files:
             ckpt = _load_checkpoint_dict(path)
@@ -85,35 +86,20 @@ class EnsembleModule(L.LightningModule):
             ):
                 if hp.get(key, default) != first.get(key, default):
                     raise ValueError(
-                        f"--ckpt_path: {path} was trained with data.{key}={hp.get(key)!r} but {files[0]} with "
+                        f"checkpoint {path} was trained with data.{key}={hp.get(key)!r} but {files[0]} with "
                         f"{first.get(key)!r}; ensemble members must see the same inputs and predict the same scale"
                     )
         return cls(members, [str(p) for p in files], first)
 
-    def predict_full(self, batch: Mapping[str, Any]) -> Tensor:
+    def predict_whole_trials(self, batch: Mapping[str, Any]) -> Tensor:
         """The members' mean prediction ``(B, N, T)`` (NaN only where no member predicts a frame)."""
-        total: Tensor | None = None
-        count: Tensor | None = None
-        for member in self.members:
-            pred = member.predict_full(batch).float()  # type: ignore[operator]  # (B, N, T)
-            ok = torch.isfinite(pred)
-            value = torch.where(ok, pred, 0.0)
-            total = value if total is None else total + value
-            count = ok.float() if count is None else count + ok.float()
-        assert total is not None and count is not None
-        return torch.where(count > 0, total / count.clamp_min(1), float("nan"))
+        return mean_where_predicted(member.predict_whole_trials(batch) for member in self.members)  # type: ignore[operator]
 
     def forward(self, batch: Mapping[str, Any]) -> Tensor:
-        return self.predict_full(batch)
+        return self.predict_whole_trials(batch)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return {
-            "mouse_id": batch["mouse_id"],
-            "tier": batch.get("tier"),
-            "trial": batch["trial"],
-            "length": batch["length"],
-            "prediction": self.predict_full(batch),
-        }
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        return prediction_record(batch, self.predict_whole_trials)
 
     @property
     def skip_frames(self) -> int:
@@ -121,19 +107,7 @@ class EnsembleModule(L.LightningModule):
 
     def check_data(self, data_neurons: Mapping[str, NeuronInfo]) -> None:
         """Raise unless every mouse of the data is known to the ensemble with the same unit ids (in order)."""
-        unknown = sorted(set(data_neurons) - set(self.neurons))
-        if unknown:
-            raise ValueError(
-                f"the checkpoint(s) have no readout for mice {unknown} of the data (they know {sorted(self.neurons)}); "
-                "select mice with --data.mice"
-            )
-        for mouse, info in data_neurons.items():
-            a, b = np.asarray(self.neurons[mouse].unit_ids), np.asarray(info.unit_ids)
-            if a.shape != b.shape or not np.array_equal(a, b):
-                raise ValueError(
-                    f"mouse {mouse}: the checkpoint has {a.shape[0]} neurons, the data {b.shape[0]} "
-                    "(or different unit_ids)"
-                )
+        check_same_neurons(self.neurons, data_neurons, names=("the checkpoint(s)", "the data"), mice="covered")
 
 
 def _shared_neurons(per_member: Sequence[Mapping[str, NeuronInfo]], names: Sequence[str]) -> dict[str, NeuronInfo]:
@@ -141,11 +115,9 @@ def _shared_neurons(per_member: Sequence[Mapping[str, NeuronInfo]], names: Seque
     first = dict(per_member[0])
     shared = set(first)
     for i, neurons in enumerate(per_member[1:], start=1):
-        for mouse in shared & set(neurons):
-            a, b = np.asarray(first[mouse].unit_ids), np.asarray(neurons[mouse].unit_ids)
-            if a.shape != b.shape or not np.array_equal(a, b):
-                who = names[i] if i < len(names) else f"member {i}"
-                raise ValueError(f"ensemble member {who}: mouse {mouse} has other neurons than the first member")
+        who = names[i] if i < len(names) else f"member {i}"
+        reference = {m: first[m] for m in first if m in shared}
+        check_same_neurons(reference, neurons, names=("the first member", f"ensemble member {who}"), mice="shared")
         shared &= set(neurons)
     if not shared:
         raise ValueError("the ensemble members share no mouse")
@@ -154,8 +126,6 @@ def _shared_neurons(per_member: Sequence[Mapping[str, NeuronInfo]], names: Seque
 
 def load_ensemble(paths: Sequence[str | Path], data: Mapping[str, Any] | None = None) -> tuple[EnsembleModule, Any]:
     """The ensemble of ``paths`` and the datamodule it was trained with (``data`` overrides, e.g. ``root``)."""
-    from lightning_sensorium.data.datamodule import SensoriumDataModule
-
     model = EnsembleModule.from_checkpoints(paths)
     hparams = dict(model.datamodule_hparams)
     hparams.update({k: v for k, v in (data or {}).items() if v is not None})
@@ -181,17 +151,15 @@ def train_ensemble(config: str | Path, seeds: Sequence[int], fit_args: Sequence[
     Each run gets ``--seed_everything SEED`` (which also seeds the data sampling through ``data.seed``) and its own
     TensorBoard version ``seed<SEED>``; ``fit_args`` are passed to every ``fit`` (e.g. ``--data.root``).
     """
-    from lightning_sensorium.cli import lightning_main, with_defaults
-
     if not seeds:
-        raise ValueError("--seeds: give at least one seed")
+        raise ValueError("seeds: give at least one seed")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds {list(seeds)}: seeds must be distinct")
+        raise ValueError(f"seeds {list(seeds)}: seeds must be distinct")
     if not Path(config).is_file():
-        raise FileNotFoundError(f"--config {config}: no such file")
+        raise FileNotFoundError(f"experiment config {config}: no such file")
     checkpoints = []
     for seed in seeds:
-        args = with_defaults(
+        args = with_experiment_defaults(
             [
                 "fit",
                 "--config",
@@ -204,6 +172,6 @@ def train_ensemble(config: str | Path, seeds: Sequence[int], fit_args: Sequence[
             ]
         )
         log.info("ensemble: fitting seed %d", seed)
-        cli = lightning_main(args)
+        cli = run_lightning(args)
         checkpoints.append(best_checkpoint(cli.trainer))
     return checkpoints

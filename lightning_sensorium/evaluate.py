@@ -7,23 +7,23 @@ generator's noiseless rates with the recorded responses) and the fraction of it 
 evaluated as their ensemble (mean firing rate). Outputs: a terminal table, JSON, Markdown, TensorBoard (text,
 scalars, a per-stimulus-type bar chart and per-neuron correlation-vs-oracle scatter plots).
 
-The numbers come from :class:`~lightning_sensorium.scoring.Scorer`, which ``score`` uses for submission files too.
+The numbers come from :class:`~lightning_sensorium.scoring.TierScores`, which ``score`` uses for submission files too.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lightning_sensorium import figures
+from lightning_sensorium.atomic import write_text_atomic
 from lightning_sensorium.data.layout import TIERS
-from lightning_sensorium.scoring import Scorer, nan_to_none
+from lightning_sensorium.scoring import TierScores, nan_to_none
 
 #: Metrics shown in the tables, in order.
 TABLE_METRICS = (
@@ -36,17 +36,7 @@ TABLE_METRICS = (
 )
 
 
-def load_datamodule(ckpt: dict[str, Any], overrides: dict[str, Any]) -> Any:
-    """Rebuild the datamodule a checkpoint was trained with, with ``overrides`` (e.g. another ``root``)."""
-    from lightning_sensorium.data.datamodule import SensoriumDataModule
-
-    hparams = dict(ckpt.get("datamodule_hyper_parameters", {}))
-    hparams.pop("_instantiator", None)
-    hparams.update({k: v for k, v in overrides.items() if v is not None})
-    return SensoriumDataModule(**hparams)
-
-
-def _scoring_writer(scorer: Scorer) -> Any:
+def _scoring_writer(scorer: TierScores) -> Any:
     """A Lightning prediction writer that feeds every predicted batch (with its targets) to ``scorer``."""
     from lightning_sensorium.callbacks.prediction_writer import BatchSink
 
@@ -83,12 +73,12 @@ def evaluate(
 
     paths = [ckpt_path] if isinstance(ckpt_path, str | Path) else list(ckpt_path)
     if max_trials is not None and max_trials < 1:
-        raise ValueError(f"--max-trials {max_trials}: expected a positive number of trials per mouse and tier")
+        raise ValueError(f"max_trials {max_trials}: expected a positive number of trials per mouse and tier")
     model, dm = load_ensemble(paths, data)
     tiers = list(tiers) if tiers else [t for t in TIERS if t != "train"]
     unknown = [t for t in tiers if t not in TIERS]
     if unknown:
-        raise ValueError(f"--tiers: unknown tier(s) {unknown}; expected some of {list(TIERS)}")
+        raise ValueError(f"tiers: unknown tier(s) {unknown}; expected some of {list(TIERS)}")
     trials: dict[str, dict[str, np.ndarray]] = {}
     for tier in tiers:
         per_mouse = {m: dm.selected_trials(m, tier, skip_hidden=True, max_trials=max_trials) for m in dm.mouse_ids}
@@ -107,7 +97,7 @@ def evaluate(
     }
     if not trials:
         return results
-    scorer = Scorer(dm.stores, trials, skip_frames=model.skip_frames)
+    scorer = TierScores(dm.stores, trials, skip_frames=model.skip_frames)
     loader = dm.trial_loader(list(trials), skip_hidden=True, max_trials=max_trials)
     run_prediction(model, loader, [_scoring_writer(scorer)], accelerator=accelerator, progress=progress)
     results["tiers"] = scorer.compute()
@@ -116,19 +106,10 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------------------------------ outputs
-def _atomic_write(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_json(results: dict[str, Any], path: str | Path) -> None:
     """Write ``results`` atomically (temporary file, then rename); NaN becomes null."""
     public = {k: v for k, v in results.items() if not k.startswith("_")}
-    _atomic_write(path, json.dumps(nan_to_none(public), indent=2))
+    write_text_atomic(path, json.dumps(nan_to_none(public), indent=2))
 
 
 def _rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -172,7 +153,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def write_markdown(results: dict[str, Any], path: str | Path) -> None:
     """Write the Markdown table atomically."""
-    _atomic_write(path, markdown_table(results))
+    write_text_atomic(path, markdown_table(results))
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -195,46 +176,6 @@ def print_table(results: dict[str, Any]) -> None:
     console.print(table)
 
 
-def stimulus_type_figure(results: dict[str, Any]) -> Any:
-    """Bar chart: pooled single-trial and oracle correlation per tier and per stimulus type."""
-    from lightning_sensorium.figures import plt
-
-    labels, single, oracle = [], [], []
-    for tier, res in results["tiers"].items():
-        entries = [(tier, res["pooled"])]
-        entries += [(f"{tier}\n{stim}", sub["pooled"]) for stim, sub in res.get("per_stimulus_type", {}).items()]
-        for label, pooled in entries:
-            labels.append(label)
-            single.append(pooled.get("single_trial_corr", math.nan))
-            oracle.append(pooled.get("oracle_corr", math.nan))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels)), 3.4))
-    x = np.arange(len(labels))
-    ax.bar(x - 0.2, single, width=0.4, label="single-trial corr", color="tab:blue")
-    ax.bar(x + 0.2, oracle, width=0.4, label="oracle corr (ceiling)", color="0.7")
-    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("correlation (pooled over neurons)")
-    ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    return fig
-
-
-def oracle_scatter(vectors: dict[str, dict[str, np.ndarray]], tier: str) -> Any:
-    """Per-neuron single-trial correlation vs leave-one-out oracle correlation, one colour per mouse."""
-    from lightning_sensorium.figures import plt
-
-    fig, ax = plt.subplots(figsize=(4, 4))
-    for mouse, v in vectors.items():
-        ax.scatter(v["oracle_corr"], v["single_trial_corr"], s=3, alpha=0.5, label=mouse[:24])
-    lo = min(0.0, *(float(np.min(v["single_trial_corr"])) for v in vectors.values()))
-    ax.plot([lo, 1], [lo, 1], color="0.5", lw=0.8, ls="--")
-    ax.set_xlabel("oracle correlation")
-    ax.set_ylabel("single-trial correlation")
-    ax.set_title(tier, fontsize=8)
-    ax.legend(fontsize=6, frameon=False, markerscale=3)
-    fig.tight_layout()
-    return fig
-
-
 def write_tensorboard(results: dict[str, Any], log_dir: str | Path) -> None:
     """Text (the Markdown table), pooled scalars, and figures into a TensorBoard run at ``log_dir``."""
     from torch.utils.tensorboard import SummaryWriter
@@ -250,9 +191,9 @@ def write_tensorboard(results: dict[str, Any], log_dir: str | Path) -> None:
                 value = sub["pooled"].get("single_trial_corr")
                 if isinstance(value, float) and math.isfinite(value):
                     writer.add_scalar(f"evaluate/{tier}/{stim}/single_trial_corr", value)
-        writer.add_figure("evaluate/stimulus_types", stimulus_type_figure(results))
+        writer.add_figure("evaluate/stimulus_types", figures.stimulus_type_bars(results["tiers"]))
         for tier, vectors in results.get("_vectors", {}).items():
             if vectors and all("oracle_corr" in v for v in vectors.values()):
-                writer.add_figure(f"evaluate/{tier}/correlation_vs_oracle", oracle_scatter(vectors, tier))
+                writer.add_figure(f"evaluate/{tier}/correlation_vs_oracle", figures.oracle_scatter(vectors, tier))
     finally:
         writer.close()

@@ -4,7 +4,7 @@ Every loss is called as ``loss(pred, target, mask, dataset_size[, batch_size])``
 ``(B, N, T)``, ``mask`` ``(B, T)`` (True on frames that count) and ``dataset_size`` the mouse's number of trials
 (the official baselines scale the loss by ``sqrt(dataset_size / batch_size)``); ``batch_size`` is the size of the
 whole batch when ``pred`` is one mouse's share of a mixed batch. The reduction interacts with the learning rate,
-so each model's recipe keeps its original reduction (models.md §8.4).
+so each model's recipe keeps its original reduction (docs/models.md: Windows, mixed batches and distillation).
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+
+def poisson_nll(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+    """Elementwise Poisson negative log-likelihood of rates ``pred`` for ``target``, without the constant
+    ``log(target!)``: ``pred - target * log(pred + eps)``."""
+    return pred - target * torch.log(pred + eps)
 
 
 class PoissonLoss(nn.Module):
@@ -54,7 +60,7 @@ class PoissonLoss(nn.Module):
         ``sample_mean`` denominator and the dataset scale then use it); default ``pred.shape[0]``."""
         if self.clamp_target_min is not None:
             target = target.clamp(min=self.clamp_target_min)
-        nll = pred - target * torch.log(pred + self.eps)  # (B, N, T)
+        nll = poisson_nll(pred, target, self.eps)  # (B, N, T)
         if mask is not None:
             nll = nll * mask[:, None, :].to(nll.dtype)
         batch = batch_size or pred.shape[0]
@@ -65,7 +71,7 @@ class PoissonLoss(nn.Module):
 
 
 class PoissonCorrelationLoss(nn.Module):
-    """ViV1T's default loss: Poisson NLL plus ``correlation_weight · Σ_n (1 − corr_n)`` (models.md §6).
+    """ViV1T's default loss: Poisson NLL plus ``correlation_weight · Σ_n (1 − corr_n)`` (docs/models.md: ViV1T).
 
     Port of ``PoissonCorrelationLoss`` (``--criterion=poisson_correlation``) of
     https://github.com/bryanlimy/ViV1T/blob/main/src/viv1t/criterions.py:

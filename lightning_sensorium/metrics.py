@@ -10,7 +10,10 @@
   and FEV / FEVE as the 2022 evaluation defines them
   (https://github.com/sinzlab/sensorium/blob/main/sensorium/utility/metrics.py ``feve``, neuralpredictors ``fev``),
   a "sample" (the 2022 "image") being a scored (clip, frame). One class, because all four share the sums.
-* :func:`pooled_mean` — the official score: the mean over all neurons of all mice (neuron-weighted).
+* :class:`MetricGroup` — the metrics of one group of trials (a tier of one mouse, or its trials of one stimulus type),
+  as training validation and ``evaluate``/``score`` keep them.
+* :func:`pooled_mean` — the official score: the mean over all neurons of all mice (neuron-weighted);
+  :func:`summarise` pools a tier's per-neuron vectors with it.
 
 Inputs: ``preds`` and ``target`` ``(B, N, T)``, ``lengths (B,)`` valid frames per trial, ``clip_index (B,)``
 dense clip numbers ``0 … num_clips - 1``. Frames at or beyond a trial's length are ignored (NaN there is fine).
@@ -19,11 +22,12 @@ dense clip numbers ``0 … num_clips - 1``. Frames at or beyond a trial's length
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_sensorium.data.layout import MAX_FRAMES, SKIP_FRAMES
@@ -58,7 +62,7 @@ class _PinnedStates(Metric):
     """Keeps every state in its declared dtype when the module is cast, e.g. by ``precision="bf16-true"``.
 
     Lightning's ``*-true`` precision plugins call ``module.to(dtype=...)``, which torchmetrics passes on to the
-    states (ecosystem.md §3). Here a cast that would change a state's dtype only moves it (no round trip through
+    states. Here a cast that would change a state's dtype only moves it (no round trip through
     bf16, so values accumulated so far are kept exactly). ``set_dtype`` is a no-op on the states for the same reason.
     """
 
@@ -312,3 +316,74 @@ def pooled_mean(per_neuron: Mapping[str, Tensor]) -> Tensor:
     values = [v.detach().flatten().double().cpu() for v in per_neuron.values()]
     values = [v for v in values if v.numel()]
     return torch.cat(values).mean().float() if values else torch.tensor(math.nan)
+
+
+class MetricGroup(nn.Module):
+    """The metrics of one group of whole trials of one mouse (a tier, or its trials of one stimulus type).
+
+    ``single`` is the single-trial correlation, ``repeat`` the :class:`RepeatMetrics`, ``ground_truth`` the
+    correlation of the noiseless rates (synthetic mice) with the responses.
+
+    Args:
+        num_neurons: neurons of the mouse.
+        num_clips: distinct clips of the group (``clip_index`` runs over ``0 … num_clips - 1``).
+        skip_frames: leading frames of every trial that are not scored.
+    """
+
+    def __init__(self, num_neurons: int, num_clips: int, skip_frames: int = SKIP_FRAMES) -> None:
+        super().__init__()
+        self.single = SingleTrialCorrelation(num_neurons, skip_frames=skip_frames)
+        self.repeat = RepeatMetrics(num_neurons, num_clips=num_clips, skip_frames=skip_frames)
+        self.ground_truth = SingleTrialCorrelation(num_neurons, skip_frames=skip_frames)
+
+    def update(
+        self, preds: Tensor, target: Tensor, clip_index: Tensor, lengths: Tensor, rates: Tensor | None = None
+    ) -> None:
+        """Add whole trials: ``preds``, ``target`` and ``rates`` ``(B, N, T)``, finite on scored frames."""
+        self.single.update(preds, target, lengths)
+        self.repeat.update(preds, target, clip_index, lengths)
+        if rates is not None:
+            self.ground_truth.update(rates, target, lengths)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``single_trial_corr`` and :meth:`RepeatMetrics.compute`'s values, plus ``ground_truth_corr`` where rates
+        were added. A collective under DDP: every rank calls it, whether it updated the group or not."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before the ``update``.*")
+            values: dict[str, Tensor] = {"single_trial_corr": self.single.compute()}
+            values.update(self.repeat.compute())
+            ground_truth = self.ground_truth.compute()
+        if bool(self.ground_truth.n > 0):
+            values["ground_truth_corr"] = ground_truth
+        return values
+
+    def reset(self) -> None:
+        for metric in (self.single, self.repeat, self.ground_truth):
+            metric.reset()
+
+
+def summarise(per_tier: Mapping[str, Mapping[str, Mapping[str, Tensor]]]) -> dict[str, Any]:
+    """``{tier: {mouse: MetricGroup.compute()}}`` → per tier: ``pooled`` (the official neuron-weighted means),
+    ``per_mouse`` means and ``per_mouse_vectors`` (the per-neuron single-trial correlations, for figures).
+
+    FEVE averages only neurons with FEV ≥ 0.15 (the 2022 definition); ``fraction_of_ground_truth`` is the pooled
+    single-trial correlation over the pooled ground-truth correlation, where that is positive."""
+    out: dict[str, Any] = {}
+    for tier, per_mouse in per_tier.items():
+        res: dict[str, Any] = {"per_mouse": {}, "pooled": {}, "per_mouse_vectors": {}}
+        names = sorted({n for v in per_mouse.values() for n, t in v.items() if t.dim() == 1 and n != "fev_mask"})
+        for name in names:
+            vecs = {m: v[name].float() for m, v in per_mouse.items() if name in v}
+            if name == "feve":
+                vecs = {m: v[name][per_mouse[m]["fev_mask"].bool()].float() for m, v in per_mouse.items()}
+            res["pooled"][name] = float(pooled_mean(vecs)) if any(v.numel() for v in vecs.values()) else math.nan
+            for m, vec in vecs.items():
+                res["per_mouse"].setdefault(m, {})[name] = float(vec.mean()) if vec.numel() else math.nan
+        for m, values in per_mouse.items():
+            res["per_mouse_vectors"][m] = {"single_trial_corr_per_neuron": values["single_trial_corr"].cpu().numpy()}
+        if "ground_truth_corr" in res["pooled"] and res["pooled"]["ground_truth_corr"] > 0:
+            res["pooled"]["fraction_of_ground_truth"] = (
+                res["pooled"]["single_trial_corr"] / res["pooled"]["ground_truth_corr"]
+            )
+        out[tier] = res
+    return out

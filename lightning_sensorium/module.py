@@ -1,8 +1,11 @@
-"""SensoriumModule: the one LightningModule. Owns the loss, the metrics, the optimiser groups and all logging.
+"""SensoriumModule: the one LightningModule. The training and evaluation steps, the loss, the metrics, the
+optimiser groups and the logging.
 
 The network itself is an :class:`~lightning_sensorium.models.encoder.Encoder` (plain PyTorch) built from a core,
 a readout factory and an optional shifter factory chosen in YAML, and the per-mouse neuron information that
-LightningCLI links from the datamodule (``data.neurons`` → ``model.neurons``).
+LightningCLI links from the datamodule (``data.neurons`` → ``model.neurons``). Whole trials are predicted by
+:class:`~lightning_sensorium.predictors.WholeTrialPredictor`; figures are drawn by
+:class:`~lightning_sensorium.callbacks.figures.FigureLogger`.
 """
 
 from __future__ import annotations
@@ -17,22 +20,21 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_sensorium.data.batch import NeuronInfo
+from lightning_sensorium.callbacks.figures import FigureLogger
+from lightning_sensorium.data.batch import NeuronInfo, check_same_neurons
 from lightning_sensorium.data.layout import SKIP_FRAMES
-from lightning_sensorium.losses import PoissonLoss
-from lightning_sensorium.metrics import RepeatMetrics, SingleTrialCorrelation, pooled_mean
+from lightning_sensorium.losses import PoissonLoss, poisson_nll
+from lightning_sensorium.metrics import MetricGroup, summarise
 from lightning_sensorium.models.cores.base import Core
-from lightning_sensorium.models.encoder import Encoder
-from lightning_sensorium.models.readouts.base import Readout
+from lightning_sensorium.models.encoder import Encoder, ReadoutFactory, ShifterFactory
 from lightning_sensorium.models.readouts.gaussian import GaussianReadout
+from lightning_sensorium.predictors import WholeTrialPredictor, check_inference_policy, prediction_record
 
 log = logging.getLogger(__name__)
-
-ReadoutFactory = Callable[[tuple[int, int, int], NeuronInfo], Readout]
-ShifterFactory = Callable[[], nn.Module]
 
 #: Checkpoint key holding the neuron info, so a checkpoint loads without the data.
 NEURONS_KEY = "sensorium_neurons"
@@ -42,9 +44,9 @@ def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=5e-3, weight_decay=0.01)
 
 
-def _metric_key(tier: str, mouse_id: str) -> str:
-    # nn.ModuleDict keys may not contain dots.
-    return f"{tier}::{mouse_id}".replace(".", "_")
+def _metric_key(stage: str, tier: str, mouse_id: str) -> str:
+    """``stage::tier::mouse`` (nn.ModuleDict keys may not contain dots)."""
+    return f"{stage}::{tier}::{mouse_id}".replace(".", "_")
 
 
 class SensoriumModule(L.LightningModule):
@@ -65,11 +67,9 @@ class SensoriumModule(L.LightningModule):
             accumulation over ``len(neurons)`` batches.
         monitor: validation metric used by the plateau scheduler and checkpointing.
         skip_frames: leading frames excluded from the metrics (official: 50).
-        eval_window: predict whole trials by a sliding window of this many model frames (DwiseNeuro 16,
-            Dynamic-V1FM 30); overlapping predictions are averaged. None: the whole trial in one pass (with a
-            ``frame_step`` k > 1, one pass per phase: frames p, p + k, p + 2k, ... for p < k).
-        eval_stride: raw frames between the ends of consecutive windows (DwiseNeuro 1, Dynamic-V1FM 15); the
-            last window always ends at the trial's last frame.
+        eval_window: predict whole trials by a sliding window of this many model frames; None: in one pass (one per
+            frame phase with a ``frame_step`` > 1). See :class:`~lightning_sensorium.predictors.WholeTrialPredictor`.
+        eval_stride: raw frames between the ends of consecutive windows; the last window ends at the last frame.
         eval_window_batch: at most this many windows go through the model at once (memory bound).
         frame_step: the model sees every ``frame_step``-th frame — linked from ``data.frame_step``.
         teachers: checkpoints whose predictions become extra targets (DwiseNeuro's distillation stage): for every
@@ -78,7 +78,8 @@ class SensoriumModule(L.LightningModule):
         distill_ratio: share of the loss carried by the teacher targets (DwiseNeuro: 0.36).
         float32_readout: under autocast, readouts, shifters and output activation in float32 (see
             :class:`Encoder`); the core stays in low precision.
-        log_figures: draw traces, correlation histograms and readout positions to TensorBoard.
+        log_figures: add a :class:`~lightning_sensorium.callbacks.figures.FigureLogger` (traces, correlation
+            histograms and readout positions in TensorBoard).
         neurons: per-mouse neuron info — linked from the datamodule, or restored from the checkpoint.
         dataset_sizes: trials per mouse (the official loss scale) — linked from the datamodule.
         video_shape: frame height and width — linked from the datamodule.
@@ -112,8 +113,16 @@ class SensoriumModule(L.LightningModule):
         video_shape: tuple[int, int] = (36, 64),
     ) -> None:
         super().__init__()
-        # Neuron arrays are large: kept out of hparams, saved in the checkpoint under NEURONS_KEY instead.
-        self.save_hyperparameters(ignore=["neurons", "dataset_sizes"])
+        # Neuron arrays are large: kept out of hparams, saved in the checkpoint under NEURONS_KEY instead. Under
+        # LightningCLI the hparams are the configuration (class paths), which rebuilds the module from a checkpoint;
+        # built in code (or rebuilt by load_from_checkpoint) they are the values, and the nn.Module ones (core,
+        # loss, output activation) are left out, as Lightning recommends: the state dict holds them.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters(ignore=["neurons", "dataset_sizes"])
+        modules = [name for name, value in self.hparams.items() if isinstance(value, nn.Module)]
+        if modules:
+            self.save_hyperparameters(ignore=["neurons", "dataset_sizes", *modules])
         self.readout_factory: ReadoutFactory = readout or GaussianReadout
         self.shifter_factory = shifter
         self.loss_fn = loss or PoissonLoss()
@@ -124,18 +133,7 @@ class SensoriumModule(L.LightningModule):
         self.accumulate_over_mice = accumulate_over_mice
         self.monitor = monitor
         self.skip_frames = skip_frames
-        if eval_window is not None and eval_window < 1:
-            raise ValueError(f"model.eval_window must be ≥ 1 or null, got {eval_window}")
-        if eval_stride < 1 or eval_window_batch < 1 or frame_step < 1:
-            raise ValueError(
-                f"model.eval_stride={eval_stride}, model.eval_window_batch={eval_window_batch} and "
-                f"frame_step={frame_step} must be ≥ 1"
-            )
-        if frame_step > 1 and eval_window is not None and math.gcd(eval_stride, frame_step) != 1:
-            raise ValueError(
-                f"model.eval_stride={eval_stride} and data.frame_step={frame_step} share a factor: windows ending "
-                f"every {eval_stride} frames would never predict some frames; use an eval_stride coprime to it"
-            )
+        check_inference_policy(eval_window, eval_stride, eval_window_batch, frame_step)
         self.eval_window, self.eval_stride, self.eval_window_batch = eval_window, eval_stride, eval_window_batch
         self.frame_step = frame_step
         if not 0.0 <= distill_ratio < 1.0:
@@ -152,9 +150,8 @@ class SensoriumModule(L.LightningModule):
         self.encoder = Encoder(core, nn.ModuleDict(), None, output_activation, float32_readout)
         if neurons:
             self._build(neurons)
-        self.metrics = nn.ModuleDict()
-        self.results: dict[str, dict[str, Any]] = {}
-        self._figure_batch: dict[str, Any] | None = None
+        self.metrics = nn.ModuleDict()  # "stage::tier::mouse" → MetricGroup
+        self.results: dict[str, dict[str, Any]] = {}  # stage → summarise() of its last evaluation
 
     # ---------------------------------------------------------------------------------------------- building
     def _build(self, neurons: Mapping[str, NeuronInfo]) -> None:
@@ -199,135 +196,25 @@ class SensoriumModule(L.LightningModule):
             self._build(saved)
             self.dataset_sizes = dict(checkpoint.get("sensorium_dataset_sizes", {}))
             return
-        check_neurons_match(saved, self.neurons)
+        check_same_neurons(saved, self.neurons)
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, batch: Mapping[str, Any]) -> Tensor:
-        """Predicted responses ``(B, N, T_out)`` aligned to the last ``T_out`` frames of ``batch['video']`` (before
-        the ``response_scale`` that :meth:`predict_full` applies)."""
+        """Predicted responses ``(B, N, T')`` aligned to the last ``T'`` frames of ``batch['video']`` (before the
+        ``response_scale`` that :meth:`predict_whole_trials` applies)."""
         encoder = self._require_encoder()
         return encoder(
             batch["video"], batch["mouse_id"], behavior=batch.get("behavior"), pupil_center=batch.get("pupil_center")
         )
 
-    def predict_full(self, batch: Mapping[str, Any]) -> Tensor:
-        """Predictions for every frame of the batch ``(B, N, T)``; frames without a prediction are NaN.
+    @property
+    def whole_trial_predictor(self) -> WholeTrialPredictor:
+        """This module's inference policy (``eval_window``, ``eval_stride``, ``frame_step``, ...) on :meth:`forward`."""
+        return WholeTrialPredictor(self, self.eval_window, self.eval_stride, self.eval_window_batch, self.frame_step)
 
-        The whole trial goes through the model in one pass, or, with ``eval_window``, window by window. Trials
-        shorter than the batch (``length``; zero-padded by the loader) are predicted in groups of equal length,
-        cut to it: a non-causal core (ViViT, DwiseNeuro, Swin) would otherwise see the padding, and the last
-        sliding window must end at each trial's own last frame.
-
-        A batch with a ``response_scale`` ``(B, N, T)`` (``data.response_scale``) has its predictions multiplied by
-        it, frame by frame: the model predicts a scale that is constant in time, the official targets' scale is not."""
-        scale = batch.get("response_scale")
-        pred = self._predict_lengths(batch)  # (B, N, T)
-        return pred if scale is None else pred * scale.to(pred.dtype)
-
-    def _predict_lengths(self, batch: Mapping[str, Any]) -> Tensor:
-        """:meth:`predict_full` before the response scale."""
-        t = batch["video"].shape[2]
-        if batch.get("length") is None:
-            return self._predict_trials(batch)
-        lengths = torch.as_tensor(batch["length"], device=batch["video"].device)
-        if bool((lengths >= t).all()):
-            return self._predict_trials(batch)
-        out: Tensor | None = None
-        for length in torch.unique(lengths).tolist():
-            rows = (lengths == length).nonzero().squeeze(1)  # (B_g,) trials of this length
-            pred = self._predict_trials(_model_inputs(batch, slice(length), rows))  # (B_g, N, L)
-            if out is None:
-                out = pred.new_full((len(lengths), pred.shape[1], t), float("nan"))
-            out[rows, :, :length] = pred
-        assert out is not None
-        return out  # (B, N, T), NaN past each trial's length
-
-    def _predict_trials(self, batch: Mapping[str, Any]) -> Tensor:
-        """:meth:`predict_full` for trials that fill the batch's frames."""
-        if self.eval_window is not None:
-            return self._predict_sliding(batch)
-        if self.frame_step > 1:
-            return self._predict_phases(batch)
-        pred = self(batch)  # (B, N, T_out)
-        t = batch["video"].shape[2]
-        lost = t - pred.shape[-1]
-        if lost <= 0:
-            return pred[..., -t:]
-        return torch.nn.functional.pad(pred, (lost, 0), value=float("nan"))
-
-    def _predict_phases(self, batch: Mapping[str, Any]) -> Tensor:
-        """Whole trials at a ``frame_step`` k without a window: one pass over each phase's frames p, p + k, ...
-        (a model trained on every k-th frame predicts each of them from the frames it saw in training, the last
-        being its own); together the k passes cost one pass at the full frame rate."""
-        video = batch["video"]
-        b, _, t = video.shape[:3]
-        out: Tensor | None = None
-        for phase in range(min(self.frame_step, t)):
-            sub = _model_inputs(batch, slice(phase, None, self.frame_step))  # (B, ..., T_p): the phase's frames
-            pred = self(sub)  # (B, N, T_out) for the last T_out of the phase's T_p frames
-            if out is None:
-                out = pred.new_full((b, pred.shape[1], t), float("nan"))
-            t_p = sub["video"].shape[2]
-            kept = min(pred.shape[-1], t_p)
-            frames = phase + self.frame_step * torch.arange(t_p - kept, t_p, device=video.device)  # raw frame of each
-            out[..., frames] = pred[..., -kept:]
-        assert out is not None
-        return out  # (B, N, T)
-
-    def _predict_sliding(self, batch: Mapping[str, Any]) -> Tensor:
-        """Sliding-window prediction (DwiseNeuro's ``src/predictors.py``, Dynamic-V1FM's test-time tiling).
-
-        A window takes ``eval_window`` frames, every ``frame_step``-th, and ends at raw frame ``e``; its outputs
-        belong to its last ``T'`` sampled frames. Window ends run every ``eval_stride`` frames from the first
-        complete window, plus windows that start at the first and end at the last frames of each of the
-        ``frame_step`` phases (for ``frame_step`` 1: one ending at the last frame); each frame's prediction is the
-        mean over the windows that predict it. https://github.com/lRomul/sensorium/blob/main/src/predictors.py
-        """
-        assert self.eval_window is not None
-        video = batch["video"]
-        b, _, t = video.shape[:3]
-        span = (self.eval_window - 1) * self.frame_step + 1  # raw frames one window covers
-        if t < span:
-            raise ValueError(
-                f"a trial of {t} frames is shorter than one prediction window of {span} frames "
-                f"(model.eval_window={self.eval_window}, data.frame_step={self.frame_step})"
-            )
-        # Every eval_stride frames from the first complete window, plus, for each of the frame_step phases, one
-        # window starting at the first frames and one ending at the last (a single last window at frame_step 2
-        # would leave the other phase's last frames unpredicted whenever the stride skips them).
-        k = self.frame_step
-        ends = sorted(
-            set(range(span - 1, t, self.eval_stride))
-            | {e for e in range(span - 1, span - 1 + k) if e < t}
-            | {e for e in range(t - k, t) if e >= span - 1}
-        )
-        offsets = torch.arange(self.eval_window, device=video.device) * self.frame_step - (span - 1)  # (L,)
-        total: Tensor | None = None
-        count = torch.zeros(t, device=video.device)
-        per_pass = max(1, self.eval_window_batch // b)
-        for i in range(0, len(ends), per_pass):
-            chunk = torch.tensor(ends[i : i + per_pass], device=video.device)
-            idx = chunk[:, None] + offsets[None, :]  # (W, L) raw frame of each window frame
-            w, length = idx.shape
-            windows: dict[str, Any] = {"mouse_id": batch["mouse_id"]}
-            # (B, C, W, L, ...) → (B·W, C, L, ...): every window of every trial is one sample.
-            clip = video[:, :, idx]  # (B, C, W, L, H, W_px)
-            windows["video"] = clip.transpose(1, 2).reshape(b * w, clip.shape[1], length, *clip.shape[4:])
-            for key in ("behavior", "pupil_center"):
-                if batch.get(key) is not None:
-                    sig = batch[key][:, :, idx]  # (B, 2, W, L)
-                    windows[key] = sig.transpose(1, 2).reshape(b * w, sig.shape[1], length)  # (B·W, 2, L)
-            pred = self(windows)  # (B·W, N, L')
-            n, l_out = pred.shape[1], pred.shape[2]
-            pred = pred.reshape(b, w, n, l_out).permute(0, 2, 1, 3).reshape(b, n, w * l_out)  # (B, N, W·L')
-            frames = idx[:, -l_out:].reshape(-1)  # (W·L',) raw frame of each output
-            if total is None:
-                total = pred.new_zeros(b, n, t)
-            total.index_add_(2, frames, pred)
-            count.index_add_(0, frames, torch.ones_like(frames, dtype=count.dtype))
-        assert total is not None
-        out = total / count.clamp(min=1).to(total.dtype)
-        return out.masked_fill(count == 0, float("nan"))  # (B, N, T)
+    def predict_whole_trials(self, batch: Mapping[str, Any]) -> Tensor:
+        """Predictions for every frame of the batch's whole trials ``(B, N, T)``; frames without one are NaN."""
+        return self.whole_trial_predictor(batch)
 
     # ------------------------------------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
@@ -368,7 +255,7 @@ class SensoriumModule(L.LightningModule):
             raise FileNotFoundError(f"model.teachers: no checkpoint {path!r}")
         teacher = SensoriumModule.load_from_checkpoint(path, map_location=self.device)
         try:
-            check_neurons_match(teacher.neurons, self.neurons)
+            check_same_neurons(teacher.neurons, self.neurons, names=("the teacher", "this model"))
         except ValueError as err:
             raise ValueError(f"model.teachers: {path}: {err}") from err
         teacher.eval().requires_grad_(False)
@@ -382,11 +269,18 @@ class SensoriumModule(L.LightningModule):
         target = _unscaled(batch["responses"], batch.get("response_scale"))[..., -pred.shape[-1] :]  # (B, N, T_out)
         loss = self.loss_fn(pred, target, None, self.dataset_sizes.get(mouse, pred.shape[0]))
         reg = self._require_encoder().regularizer(mouse)
-        total = loss + reg
-        bs = pred.shape[0]
-        self.log("train/loss", loss, batch_size=bs, prog_bar=True)
-        self.log("train/regularizer", reg, batch_size=bs)
-        return total
+        nll = poisson_nll(pred.detach().float(), target.float())  # (B, N, T_out)
+        self._log_loss(loss, reg, batch_size=pred.shape[0], nll_sum=nll.sum(), values=nll.numel())
+        return loss + reg
+
+    def _log_loss(self, loss: Tensor, regularizer: Tensor, batch_size: int, nll_sum: Tensor, values: int) -> None:
+        """``train/loss``: the loss the optimiser minimises, in the recipe's own reduction (the baselines' Poisson sum
+        × √(trials/B) is in the hundreds of thousands); ``train/poisson_nll``, the one on the progress bar: the mean
+        Poisson negative log-likelihood of one response (``values`` of them, summing to ``nll_sum``), the same unit
+        for every recipe, batch size and window."""
+        self.log("train/loss", loss, batch_size=batch_size)
+        self.log("train/poisson_nll", nll_sum / values, batch_size=batch_size, prog_bar=True)
+        self.log("train/regularizer", regularizer, batch_size=batch_size)
 
     def _mixed_training_step(self, batch: dict[str, Any]) -> Tensor:
         """Mice mixed inside a batch (DwiseNeuro): one core pass over the whole batch, then each mouse's samples
@@ -409,16 +303,19 @@ class SensoriumModule(L.LightningModule):
 
         loss = torch.zeros((), device=self.device)
         reg = encoder.core.regularizer()
+        nll_sum, values = torch.zeros((), device=self.device), 0
         for mouse in sorted(set(mice)):
             idx = [i for i, m in enumerate(mice) if m == mouse]
             target = torch.stack([responses[i] for i in idx])[..., -t_out:]  # (b, N, T')
             size = self.dataset_sizes.get(mouse, len(idx))
-            loss = loss + self.loss_fn(read(encoder, features, idx, mouse), target, None, size, batch_size=len(mice))
+            pred = read(encoder, features, idx, mouse)  # (b, N, T')
+            loss = loss + self.loss_fn(pred, target, None, size, batch_size=len(mice))
             reg = reg + encoder.readouts[mouse].regularizer()
+            nll_sum = nll_sum + poisson_nll(pred.detach().float(), target.float()).sum()
+            values += target.numel()
         if self._teachers:
             loss = (1 - self.distill_ratio) * loss + self.distill_ratio * self._distillation_loss(batch, features, read)
-        self.log("train/loss", loss, batch_size=len(mice), prog_bar=True)
-        self.log("train/regularizer", reg, batch_size=len(mice))
+        self._log_loss(loss, reg, batch_size=len(mice), nll_sum=nll_sum, values=values)
         return loss + reg
 
     def _distillation_loss(self, batch: dict[str, Any], features: Tensor, read: Callable[..., Tensor]) -> Tensor:
@@ -447,7 +344,7 @@ class SensoriumModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def _setup_metrics(self, stage: str) -> None:
-        """Create every (tier, mouse) metric up front so all DDP ranks hold the same set."""
+        """Create every (tier, mouse) metric group up front so all DDP ranks hold the same set."""
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "clip_counts"):
             return
@@ -456,15 +353,8 @@ class SensoriumModule(L.LightningModule):
             for mouse, clips in per_mouse.items():
                 if clips == 0 or mouse not in self.neurons:
                     continue
-                n = self.neurons[mouse].num_neurons
-                group = nn.ModuleDict(
-                    {
-                        "single": SingleTrialCorrelation(n, skip_frames=self.skip_frames),
-                        "repeat": RepeatMetrics(n, num_clips=clips, skip_frames=self.skip_frames),
-                        "ground_truth": SingleTrialCorrelation(n, skip_frames=self.skip_frames),
-                    }
-                )
-                self.metrics[f"{stage}::{_metric_key(tier, mouse)}"] = group.to(self.device)
+                group = MetricGroup(self.neurons[mouse].num_neurons, num_clips=clips, skip_frames=self.skip_frames)
+                self.metrics[_metric_key(stage, tier, mouse)] = group.to(self.device)
 
     def on_validation_epoch_start(self) -> None:
         if not any(k.startswith("val::") for k in self.metrics):
@@ -474,32 +364,26 @@ class SensoriumModule(L.LightningModule):
         if not any(k.startswith("test::") for k in self.metrics):
             self._setup_metrics("test")
 
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
-        if batch.get("padding"):  # a DDP rank's stand-in batch (datamodule._PaddedEvalSampler): not scored
-            return
-        mouse, tier = batch["mouse_id"], batch["tier"]
-        key = f"{stage}::{_metric_key(tier, mouse)}"
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> Tensor | None:
+        """Score a batch of whole trials; returns its predictions ``(B, N, T)`` (for callbacks), None if unscored."""
+        if batch.get("padding"):  # a DDP rank's stand-in batch (datamodule.PaddedEvalSampler): not scored
+            return None
+        key = _metric_key(stage, batch["tier"], batch["mouse_id"])
         if key not in self.metrics:
-            return
-        pred = self.predict_full(batch)  # (B, N, T)
+            return None
+        pred = self.predict_whole_trials(batch)  # (B, N, T)
         lost = int(torch.isnan(pred[0, 0]).sum())
         if lost > self.skip_frames:
             raise ValueError(f"the core loses {lost} leading frames, more than the {self.skip_frames} skipped frames")
         pred = torch.nan_to_num(pred, nan=0.0)
-        group = self.metrics[key]
-        target, lengths = batch["responses"], batch["length"]
-        group["single"].update(pred, target, lengths)
-        group["repeat"].update(pred, target, batch["clip_index"], lengths)
-        if "rates" in batch:
-            group["ground_truth"].update(batch["rates"], target, lengths)
-        if stage == "val" and self._figure_batch is None:
-            self._figure_batch = {"mouse_id": mouse, "pred": pred[:1].cpu(), "target": target[:1].cpu()}
+        self.metrics[key].update(pred, batch["responses"], batch["clip_index"], batch["length"], batch.get("rates"))
+        return pred
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("val", batch)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._eval_step("val", batch)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch)
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._eval_step("test", batch)
 
     def _compute(self, stage: str) -> dict[str, Any]:
         """Compute (a collective under DDP: every rank calls it) and reset the stage's metrics."""
@@ -508,20 +392,17 @@ class SensoriumModule(L.LightningModule):
             st, tier, mouse = key.split("::")
             if st != stage:
                 continue
-            with warnings.catch_warnings():
-                # Under DDP every rank computes every metric (a collective), updated locally or not.
-                warnings.filterwarnings("ignore", message=".*compute.*before the ``update``.*")
-                values: dict[str, Tensor] = {"single_trial_corr": group["single"].compute()}
-                values.update(group["repeat"].compute())
-                gt_corr = group["ground_truth"].compute()
-            if bool(group["ground_truth"].n > 0):
-                values["ground_truth_corr"] = gt_corr
-            for metric in group.values():
-                metric.reset()
-            per_tier.setdefault(tier, {})[mouse] = values
+            per_tier.setdefault(tier, {})[mouse] = group.compute()
+            group.reset()
         return summarise(per_tier)
 
-    def _log_results(self, stage: str, results: dict[str, Any], primary_tier: str) -> None:
+    def primary_tier(self, stage: str) -> str:
+        """The tier whose metrics are logged without a tier prefix (``val/single_trial_corr``): the first one."""
+        dm = self.trainer.datamodule
+        return str(dm.val_tiers[0] if stage == "val" else dm.test_tiers[0])
+
+    def _log_results(self, stage: str, results: dict[str, Any]) -> None:
+        primary_tier = self.primary_tier(stage)
         for tier, res in results.items():
             prefix = f"{stage}/{tier}"
             for name, value in res["pooled"].items():
@@ -534,59 +415,32 @@ class SensoriumModule(L.LightningModule):
                         self.log(f"{stage}/{name}/{mouse}", value, sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
-        results = self._compute("val")
-        self.results["val"] = results
-        if not results:
-            return
-        self._log_results("val", results, self.trainer.datamodule.val_tiers[0])
-        if self.log_figures and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._draw_figures(results)
-        self._figure_batch = None
+        self.results["val"] = self._compute("val")
+        if self.results["val"]:
+            self._log_results("val", self.results["val"])
 
     def on_test_epoch_end(self) -> None:
-        results = self._compute("test")
-        self.results["test"] = results
-        if results:
-            self._log_results("test", results, self.trainer.datamodule.test_tiers[0])
+        self.results["test"] = self._compute("test")
+        if self.results["test"]:
+            self._log_results("test", self.results["test"])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
-        if batch.get("padding"):  # a DDP rank's stand-in batch: nothing to write
-            return None
-        pred = self.predict_full(batch)
-        return {
-            "mouse_id": batch["mouse_id"],
-            "tier": batch["tier"],
-            "trial": batch["trial"],
-            "length": batch["length"],
-            "prediction": pred,
-        }
+        return prediction_record(batch, self.predict_whole_trials)
 
     # ------------------------------------------------------------------------------------------------- logging
+    def configure_callbacks(self) -> list[Callback]:
+        """A :class:`FigureLogger` with ``log_figures`` (it replaces one listed in the trainer's callbacks)."""
+        return [FigureLogger()] if self.log_figures else []
+
+    def readout_positions(self) -> dict[str, np.ndarray]:
+        """Each mouse's readout receptive-field positions ``(N, 2)``, for readouts that have them (figures)."""
+        readouts = self._require_encoder().readouts
+        return {m: r.positions().detach().cpu().numpy() for m, r in readouts.items() if hasattr(r, "positions")}
+
     def on_train_start(self) -> None:
         if self.logger is not None:
-            # Fill the TensorBoard hparams tab's metric columns (ecosystem.md §6).
+            # Fill the TensorBoard hparams tab's metric columns.
             self.logger.log_hyperparams(dict(self.hparams), {self.monitor: float("nan"), "best/val_corr": float("nan")})
-
-    def _draw_figures(self, results: dict[str, Any]) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        from lightning_sensorium.figures import correlation_histogram, readout_positions, traces
-
-        loggers = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
-            return
-        writer, step = loggers[0].experiment, self.global_step
-        tier = self.trainer.datamodule.val_tiers[0]
-        per_neuron = {m: v["single_trial_corr_per_neuron"] for m, v in results[tier]["per_mouse_vectors"].items()}
-        writer.add_figure("val/correlation_histogram", correlation_histogram(per_neuron), step)
-        if self._figure_batch is not None:
-            fb = self._figure_batch
-            corr = per_neuron[fb["mouse_id"]]
-            writer.add_figure("val/traces", traces(fb["pred"][0], fb["target"][0], corr, self.skip_frames), step)
-        readouts = self._require_encoder().readouts
-        positions = {m: r.positions().detach().cpu().numpy() for m, r in readouts.items() if hasattr(r, "positions")}
-        if positions:
-            writer.add_figure("val/readout_positions", readout_positions(positions), step)
 
     # -------------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
@@ -625,57 +479,7 @@ class SensoriumModule(L.LightningModule):
         return max(1, math.ceil(int(batches) / accumulate))
 
 
-def _model_inputs(batch: Mapping[str, Any], frames: slice, rows: Tensor | None = None) -> dict[str, Any]:
-    """The model's inputs of ``batch`` (video ``(B, C, T, H, W)``, behaviour and pupil centre ``(B, 2, T)``: time is
-    dimension 2 of each) at ``frames``, for the trials ``rows`` (default: all)."""
-    sub: dict[str, Any] = {"mouse_id": batch["mouse_id"]}
-    for key in ("video", "behavior", "pupil_center"):
-        if batch.get(key) is not None:
-            x = batch[key] if rows is None else batch[key][rows]
-            sub[key] = x[:, :, frames]
-    return sub
-
-
 def _unscaled(responses: Tensor, scale: Tensor | None) -> Tensor:
     """Official-scale ``responses (..., N, T)`` divided by their ``response_scale`` (same shape; > 0 everywhere):
     each neuron's responses on one scale for all frames, ``raw × mean precision`` (``data.response_scale``)."""
     return responses if scale is None else responses / scale.to(responses.dtype)
-
-
-def check_neurons_match(saved: Mapping[str, NeuronInfo], current: Mapping[str, NeuronInfo]) -> None:
-    """Raise if a checkpoint's neurons differ from the data's (different mice, counts or unit ids)."""
-    if set(saved) != set(current):
-        raise ValueError(
-            f"checkpoint mice {sorted(saved)} do not match the data's mice {sorted(current)}; "
-            "select the same mice with --data.mice"
-        )
-    for m in saved:
-        a, b = np.asarray(saved[m].unit_ids), np.asarray(current[m].unit_ids)
-        if a.shape != b.shape or not np.array_equal(a, b):
-            raise ValueError(
-                f"mouse {m}: checkpoint has {a.shape[0]} neurons, the data has {b.shape[0]} (or different unit_ids)"
-            )
-
-
-def summarise(per_tier: Mapping[str, Mapping[str, Mapping[str, Tensor]]]) -> dict[str, Any]:
-    """Per-neuron metric vectors → pooled (official neuron-weighted) and per-mouse means, per tier."""
-    out: dict[str, Any] = {}
-    for tier, per_mouse in per_tier.items():
-        res: dict[str, Any] = {"per_mouse": {}, "pooled": {}, "per_mouse_vectors": {}}
-        names = sorted({n for v in per_mouse.values() for n, t in v.items() if t.dim() == 1 and n != "fev_mask"})
-        for name in names:
-            vecs = {m: v[name].float() for m, v in per_mouse.items() if name in v}
-            if name == "feve":
-                # FEVE averages only neurons with FEV ≥ 0.15 (the 2022 definition).
-                vecs = {m: v[name][per_mouse[m]["fev_mask"].bool()].float() for m, v in per_mouse.items()}
-            res["pooled"][name] = float(pooled_mean(vecs)) if any(v.numel() for v in vecs.values()) else math.nan
-            for m, vec in vecs.items():
-                res["per_mouse"].setdefault(m, {})[name] = float(vec.mean()) if vec.numel() else math.nan
-        for m, values in per_mouse.items():
-            res["per_mouse_vectors"][m] = {"single_trial_corr_per_neuron": values["single_trial_corr"].cpu().numpy()}
-        if "ground_truth_corr" in res["pooled"] and res["pooled"]["ground_truth_corr"] > 0:
-            res["pooled"]["fraction_of_ground_truth"] = (
-                res["pooled"]["single_trial_corr"] / res["pooled"]["ground_truth_corr"]
-            )
-        out[tier] = res
-    return out

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_sensorium.callbacks.progress import quiet_console
 from lightning_sensorium.data.normalization import InputStatistics
 from lightning_sensorium.data.store import MouseStore
 
@@ -42,6 +43,7 @@ def run_prediction(
     progress: bool = True,
 ) -> None:
     """``Trainer.predict`` on one device, outputs consumed by ``callbacks`` only (nothing kept in memory)."""
+    quiet_console()
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -76,7 +78,7 @@ def predict_tiers(
     tiers = list(tiers or dm.predict_tiers)
     layouts = tier_layouts(dm, tiers, max_trials)
     if not layouts:
-        raise ValueError(f"--tiers {tiers}: the selected mice have no trial in these tiers")
+        raise ValueError(f"tiers {tiers}: the selected mice have no trial in these tiers")
     writer = ZarrPredictionWriter(
         str(out), overwrite=overwrite, layouts=layouts, attrs={"checkpoints": model.checkpoints, "data_root": dm.root}
     )
@@ -118,13 +120,13 @@ def load_stimuli(
     if path.is_dir():
         if behavior is not None or pupil_center is not None:
             raise ValueError(
-                "--behavior/--pupil-center go with a single video; in a folder put NAME.behavior.npy beside"
+                "behavior and pupil_center go with a single video; in a folder put NAME.behavior.npy beside"
             )
         videos = sorted(
             p for p in path.glob("*.npy") if not p.name.endswith(BEHAVIOR_SUFFIX) and not p.name.endswith(PUPIL_SUFFIX)
         )
         if not videos:
-            raise FileNotFoundError(f"--stimulus {path}: the folder holds no video .npy file")
+            raise FileNotFoundError(f"stimulus folder {path}: holds no video .npy file")
         out = []
         for v in videos:
             stem = v.name[: -len(".npy")]
@@ -132,19 +134,19 @@ def load_stimuli(
             out.append(
                 Stimulus(
                     stem,
-                    _load_array(v, "--stimulus"),
+                    _load_array(v, "stimulus"),
                     _load_array(b, "behaviour") if b.is_file() else None,
                     _load_array(p, "pupil centre") if p.is_file() else None,
                 )
             )
         return out
-    video = _load_array(path, "--stimulus")
+    video = _load_array(path, "stimulus")
     return [
         Stimulus(
             path.name[: -len(".npy")] if path.name.endswith(".npy") else path.name,
             video,
-            None if behavior is None else _load_array(Path(behavior), "--behavior"),
-            None if pupil_center is None else _load_array(Path(pupil_center), "--pupil-center"),
+            None if behavior is None else _load_array(Path(behavior), "behavior"),
+            None if pupil_center is None else _load_array(Path(pupil_center), "pupil_center"),
         )
     ]
 
@@ -281,7 +283,7 @@ def predict_stimuli(
     model, dm = load_ensemble(ckpt_paths, {**(data or {}), **({"mice": [mouse]} if mouse else {})})
     if mouse is None:
         if len(dm.mouse_ids) != 1:
-            raise ValueError(f"--mouse: choose the mouse whose neurons to predict, one of {dm.mouse_ids}")
+            raise ValueError(f"mouse: choose the mouse whose neurons to predict, one of {dm.mouse_ids}")
         mouse = dm.mouse_ids[0]
     store = dm.stores[mouse]
     inputs = StimulusInputs(store, dm.normalization, dm.input_statistics)

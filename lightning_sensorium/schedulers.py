@@ -12,8 +12,8 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 class WarmupCosine(LambdaLR):
     """Linear warm-up from ``warmup_start_ratio``·lr to lr, then cosine decay to ``min_lr_ratio``·lr, per step.
 
-    DwiseNeuro and ViV1T warm up then decay with a cosine (models.md §4, §6). Stepped every optimizer step
-    (``interval: step`` in ``configure_optimizers``).
+    DwiseNeuro and ViV1T warm up then decay with a cosine (docs/models.md: DwiseNeuro, ViV1T). Stepped every optimizer
+    step (``interval: step`` in ``configure_optimizers``).
 
     Args:
         optimizer: the optimizer.
@@ -46,7 +46,7 @@ class WarmupCosineRestart(LRScheduler):
     """mmcv's ``CosineRestart`` schedule by epoch, under a linear warm-up by iteration: Dynamic-V1FM's schedule.
 
     Port of ``CosineRestartLrUpdaterHook`` (``utils/lr_updater.py``) and mmcv ``LrUpdaterHook``'s linear warm-up, as
-    ``config/neuroencoding.py`` sets them (models.md §5):
+    ``config/neuroencoding.py`` sets them (docs/models.md: Dynamic-V1FM):
     https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/utils/lr_updater.py
     https://github.com/open-mmlab/mmcv/blob/v1.7.0/mmcv/runner/hooks/lr_updater.py
 

@@ -1,9 +1,9 @@
 """The official metrics of any predictions, per tier, mouse and stimulus type; local scoring of a submission.
 
-:class:`Scorer` is the one place where predictions meet targets outside training: ``evaluate`` feeds it model
+:class:`TierScores` is the one place where predictions meet targets outside training: ``evaluate`` feeds it model
 predictions batch by batch, ``score`` feeds it the rows of a submission file, so the same predictions give the
 same numbers. Per (tier, mouse) — and, for bonus tiers or tiers mixing stimulus families, per (tier, stimulus
-type, mouse) — it keeps the metrics of :mod:`lightning_sensorium.metrics`: single-trial correlation (the
+type, mouse) — it keeps a :class:`~lightning_sensorium.metrics.MetricGroup`: single-trial correlation (the
 competition score), correlation to the repeat average, the leave-one-out oracle, FEVE, and on synthetic mice the
 ground-truth oracle (noiseless rates vs recorded responses). Pooled values are the official neuron-weighted mean.
 
@@ -26,9 +26,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_sensorium.data.layout import SKIP_FRAMES
+from lightning_sensorium.data.datamodule import SensoriumDataModule, discover_stores
+from lightning_sensorium.data.layout import SKIP_FRAMES, TIERS
 from lightning_sensorium.data.store import MouseStore
-from lightning_sensorium.metrics import RepeatMetrics, SingleTrialCorrelation
+from lightning_sensorium.metrics import MetricGroup, summarise
+from lightning_sensorium.submission_format import (
+    PARQUET_SUFFIX,
+    SubmissionError,
+    read_submission_file,
+    tier_of_file,
+)
 
 #: Tiers whose trials mix (or are) out-of-distribution stimulus families: always broken down by type.
 BONUS_TIERS = ("live_test_bonus", "final_test_bonus")
@@ -40,15 +47,13 @@ class _Group:
 
     mouse: str
     clips: np.ndarray  # sorted distinct clip ids: the dense clip index is the position here
-    single: SingleTrialCorrelation
-    repeat: RepeatMetrics
-    ground_truth: SingleTrialCorrelation
+    metrics: MetricGroup
     trials: int = 0
     seen: set[int] = field(default_factory=set)
 
 
-class Scorer:
-    """Accumulates the official metrics of whole-trial predictions.
+class TierScores:
+    """Accumulates the official metrics of whole-trial predictions, per tier, mouse and stimulus type.
 
     Args:
         stores: the mice, by id.
@@ -91,9 +96,7 @@ class Scorer:
         self.groups[tier, stim, mouse] = _Group(
             mouse=mouse,
             clips=clips,
-            single=SingleTrialCorrelation(n, skip_frames=skip),
-            repeat=RepeatMetrics(n, num_clips=len(clips), skip_frames=skip),
-            ground_truth=SingleTrialCorrelation(n, skip_frames=skip),
+            metrics=MetricGroup(n, num_clips=len(clips), skip_frames=skip),
             trials=len(rows),
         )
 
@@ -147,10 +150,7 @@ class Scorer:
             raise ValueError(f"trial(s) {sorted(repeated)} scored twice")
         group.seen.update(rows.tolist())
         clip_index = torch.from_numpy(np.searchsorted(group.clips, self.stores[group.mouse].clip_id[rows]))
-        group.single.update(pred, target, lengths)
-        group.repeat.update(pred, target, clip_index, lengths)
-        if rates is not None:
-            group.ground_truth.update(rates, target, lengths)
+        group.metrics.update(pred, target, clip_index, lengths, rates)
 
     def missing(self) -> dict[tuple[str, str], int]:
         """``{(tier, mouse): trials not yet scored}`` for groups that are incomplete."""
@@ -165,19 +165,13 @@ class Scorer:
 
         Also fills :attr:`vectors` — ``{tier: {mouse: {metric: (N,) array}}}`` — for figures.
         """
-        from lightning_sensorium.module import summarise
-
         missing = self.missing()
         if missing:
             (tier, mouse), n = next(iter(missing.items()))
             raise ValueError(f"mouse {mouse}, tier {tier}: {n} trial(s) were never scored")
         values: dict[tuple[str, str | None], dict[str, dict[str, Tensor]]] = {}
         for (tier, stim, mouse), g in self.groups.items():
-            v: dict[str, Tensor] = {"single_trial_corr": g.single.compute()}
-            v.update(g.repeat.compute())
-            if bool(g.ground_truth.n > 0):
-                v["ground_truth_corr"] = g.ground_truth.compute()
-            values.setdefault((tier, stim), {})[mouse] = v
+            values.setdefault((tier, stim), {})[mouse] = g.metrics.compute()
         self.vectors: dict[str, dict[str, dict[str, np.ndarray]]] = {}
         out: dict[str, Any] = {}
         for (tier, stim), per_mouse in values.items():
@@ -213,9 +207,6 @@ def nan_to_none(x: Any) -> Any:
 # ------------------------------------------------------------------------------------------ scoring submissions
 def _scoring_datamodule(root: str, mice: Sequence[str], storage_options: dict[str, Any] | None) -> Any:
     """Whole trials on the scale the competition scores (raw responses × per-frame precision)."""
-    from lightning_sensorium.data.datamodule import SensoriumDataModule
-    from lightning_sensorium.data.layout import TIERS
-
     # Any tier may serve as "train": scoring never samples windows, and a test-only store must still open.
     return SensoriumDataModule(
         root=root,
@@ -230,8 +221,6 @@ def _scoring_datamodule(root: str, mice: Sequence[str], storage_options: dict[st
 @contextmanager
 def _open_sources(path: Path) -> Iterator[list[tuple[str, Any]]]:
     """``[(file name, binary file or path)]`` of the parquet files in a file, a zip or a folder."""
-    from lightning_sensorium.submission import PARQUET_SUFFIX
-
     if path.is_dir():
         files = sorted(path.glob(f"*{PARQUET_SUFFIX}"))
         if not files:
@@ -270,9 +259,6 @@ def score_submission(
     trial of that tier must be present once, with ``neuron_ids`` equal to the store's ``unit_ids`` and one frame
     per scored frame (``length - 50``). Anything else raises a ValueError naming the file, mouse and trial.
     """
-    from lightning_sensorium.data.datamodule import discover_stores
-    from lightning_sensorium.submission import SubmissionError, read_submission_file, tier_of_file
-
     path = Path(path)
     results: dict[str, Any] = {"submission": str(path), "data_root": str(root), "tiers": {}}
     with _open_sources(path) as sources:
@@ -300,7 +286,7 @@ def score_submission(
                     )
                 table.check_mouse(mouse, store, rows)
                 trials[tier][mouse] = rows
-            scorer = Scorer(dm.stores, trials, by_stimulus_type=by_stimulus_type)
+            scorer = TierScores(dm.stores, trials, by_stimulus_type=by_stimulus_type)
             for mouse in dm.mouse_ids:
                 store = dm.stores[mouse]
                 preds = table.predictions(mouse, store)  # {trial_index: (N, F) float32}

@@ -6,7 +6,7 @@ the trial's values as command-line overrides. The defaults reproduce the searche
 TPE + Hyperband (BOHB-like; ViV1T's "Hyperband Bayesian optimization", Table 3 of the retrospective paper), pruning
 on the validation single-trial correlation after every epoch through ``optuna_integration``'s Lightning callback.
 
-Design points (ecosystem.md §4):
+Design points (docs/sweeps.md, "Storage, several workers, DDP" and "Resume and failures"):
 
 * Storage is an Optuna RDB (SQLite file by default, PostgreSQL for workers on several machines). Every worker runs
   the same command; the schema and the study are created under retries, so workers that start together do not race.
@@ -28,16 +28,18 @@ import io
 import json
 import math
 import random
-import sys
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import yaml
+
+from lightning_sensorium.atomic import write_text_atomic
+from lightning_sensorium.launch import run_lightning, to_cli_args, with_experiment_defaults
 
 #: Distributions a parameter can have. ``step`` (uniform, int) and ``log`` scales are fields, not distributions.
 Distribution = Literal["uniform", "log", "int", "categorical"]
@@ -129,7 +131,7 @@ DEFAULT_PRUNER = ClassSpec("optuna.pruners.HyperbandPruner", {"min_resource": 1,
 
 @dataclass(frozen=True)
 class Sweep:
-    """A parsed sweep file. Field names are the YAML keys (see the README section "Hyper-parameter sweeps")."""
+    """A parsed sweep file. Field names are the YAML keys (docs/sweeps.md, "Sweep file format")."""
 
     path: Path
     experiment: Path
@@ -163,7 +165,7 @@ class Sweep:
 
 
 def default_storage(study_name: str, log_dir: str = "runs") -> str:
-    """The storage a sweep uses when no ``--storage`` is given."""
+    """The storage a sweep uses when none is given: ``<log_dir>/<study>/optuna.db``."""
     return f"sqlite:///{Path(log_dir) / study_name / 'optuna.db'}"
 
 
@@ -326,22 +328,9 @@ def load_sweep(path: str | Path, extra_overrides: dict[str, Any] | None = None) 
 
 
 # ----------------------------------------------------------------------------------------------- config parsing
-@contextlib.contextmanager
-def _bare_argv() -> Iterator[None]:
-    """LightningCLI warns when given ``args=`` while ``sys.argv`` has items (the sweep's own command line)."""
-    saved = sys.argv[1:]
-    del sys.argv[1:]
-    try:
-        yield
-    finally:
-        sys.argv[1:] = saved
-
-
 def experiment_args(experiment: Path, values: dict[str, Any]) -> list[str]:
     """``--config defaults.yaml --config <experiment> --<path> <value> ...`` (without a subcommand)."""
-    from lightning_sensorium.cli import cli_args, with_defaults
-
-    return with_defaults(["--config", str(experiment), *cli_args(values)])
+    return with_experiment_defaults(["--config", str(experiment), *to_cli_args(values)])
 
 
 def print_config(experiment: Path, values: dict[str, Any], where: str) -> str:
@@ -350,13 +339,11 @@ def print_config(experiment: Path, values: dict[str, Any], where: str) -> str:
     Parses only (nothing is instantiated, no data is read). A rejected value raises :class:`SweepError` with
     jsonargparse's message.
     """
-    from lightning_sensorium.cli import lightning_main
-
     out, err = io.StringIO(), io.StringIO()
     code: Any = 0
-    with _bare_argv(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            lightning_main(["fit", *experiment_args(experiment, values), "--print_config"])
+            run_lightning(["fit", *experiment_args(experiment, values), "--print_config"])
         except SystemExit as exit_:
             code = exit_.code
     if code not in (0, None):
@@ -465,7 +452,7 @@ def open_storage(url: str, sweep: Sweep | None = None) -> Any:
 
     _quiet_optuna()
     if "://" not in url:
-        raise SweepError(f"--storage {url!r}: expected a database URL (sqlite:///file.db, postgresql://...)")
+        raise SweepError(f"storage {url!r}: expected a database URL (sqlite:///file.db, postgresql://...)")
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -482,11 +469,11 @@ def open_storage(url: str, sweep: Sweep | None = None) -> Any:
             return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
             if attempt == CREATE_ATTEMPTS - 1:
-                raise SweepError(f"--storage {url}: cannot open the database: {err}") from None
+                raise SweepError(f"storage {url}: cannot open the database: {err}") from None
             time.sleep(random.uniform(0.2, 1.0) * (1 + attempt / 2))
         except ImportError as err:
             raise SweepError(
-                f"--storage {url}: missing database driver ({err}); for PostgreSQL install the "
+                f"storage {url}: missing database driver ({err}); for PostgreSQL install the "
                 "`postgres` extra: pip install -e .[postgres]"
             ) from None
     raise AssertionError("unreachable")
@@ -578,18 +565,15 @@ class Objective:
         """Fit the experiment with the trial's values, reporting ``metric`` after every validation."""
         from optuna_integration import PyTorchLightningPruningCallback
 
-        from lightning_sensorium.cli import lightning_main
-
         values = self.suggest(trial)
         logger = trial_logger(self.sweep, self.study_name, trial.number)
         trial.set_user_attr("log_dir", str(Path(self.sweep.log_dir) / self.study_name / f"trial_{trial.number}"))
         args = experiment_args(self.sweep.experiment, {**self.sweep.overrides, **values, **logger})
-        with _bare_argv():
-            cli = lightning_main(args, run=False)
+        cli = run_lightning(args, run=False)
         pruning = PyTorchLightningPruningCallback(trial, monitor=self.sweep.metric)
         cli.trainer.callbacks.append(pruning)  # at run time only: not in the trial's saved config.yaml
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        pruning.check_pruned()  # DDP: the decision rank 0 made, read back from the storage (ecosystem.md §4)
+        pruning.check_pruned()  # DDP: the decision rank 0 made, read back from the storage (docs/sweeps.md)
 
     def best(self, trial: Any) -> float:
         """The best reported value of ``metric`` over the trial's epochs."""
@@ -643,7 +627,7 @@ def run_sweep(
     name = study_name or sweep.study_name
     budget = n_trials if n_trials is not None else sweep.n_trials
     if budget < 1:
-        raise SweepError(f"--n-trials: expected ≥ 1, got {budget}")
+        raise SweepError(f"n_trials: expected ≥ 1, got {budget}")
     base_config = validate(sweep, name)
     url = storage or sweep.default_storage(name)
     study = open_study(open_storage(url, sweep), sweep, name, base_config)
@@ -699,57 +683,24 @@ def export_best(study_name: str, storage: str, out: str | Path) -> Path:
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     except KeyError:
-        raise SweepError(f"--export-best {study_name}: no such study in {storage}") from None
+        raise SweepError(f"study {study_name!r}: no such study in {storage}") from None
     try:
         best = study.best_trial
     except ValueError:
-        raise SweepError(f"--export-best {study_name}: the study has no COMPLETE trial yet") from None
+        raise SweepError(f"study {study_name!r}: the study has no COMPLETE trial yet") from None
     base = study.user_attrs.get(BASE_CONFIG_ATTR)
     if base is None:
-        raise SweepError(f"--export-best {study_name}: the study was not created by `lightning-sensorium sweep`")
+        raise SweepError(f"study {study_name!r}: not created by a sweep (it has no {BASE_CONFIG_ATTR} attribute)")
     config = yaml.safe_load(base)
     for path, value in best.params.items():
         set_path(config, path, value)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"# Best trial {best.number} of study {study_name!r} ({study.user_attrs.get('metric', 'value')} = "
         f"{best.value:.6g}),\n# exported by `lightning-sensorium sweep --export-best`. Complete: base experiment "
         f"{Path(study.user_attrs.get('experiment', '?')).name} + fixed overrides + the trial's values:\n"
         + "".join(f"#   {k}: {json.dumps(v)}\n" for k, v in best.params.items())
     )
-    out.write_text(header + yaml.safe_dump(config, sort_keys=False))
-    print_config(out, {}, f"--out {out}")  # the written file must parse as an experiment
+    write_text_atomic(out, header + yaml.safe_dump(config, sort_keys=False))
+    print_config(out, {}, str(out))  # the written file must parse as an experiment
     return out
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def parse_set(items: Sequence[str] | None) -> dict[str, Any]:
-    """``--set KEY=VALUE`` items → overrides; VALUE is read as YAML (``4``, ``[4, 4]``, ``true``, ``/path``)."""
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SweepError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.root=/data/stores")
-        out[key.removeprefix("--")] = yaml.safe_load(value)
-    return out
-
-
-def main(ns: Any) -> int:
-    """Handler of the ``sweep`` subcommand (parser in :mod:`lightning_sensorium.cli`)."""
-    if ns.export_best:
-        if not ns.out:
-            raise SweepError("--export-best needs --out FILE")
-        log_dir = load_sweep(ns.sweep_file).log_dir if ns.sweep_file else "runs"
-        out = export_best(ns.export_best, ns.storage or default_storage(ns.export_best, log_dir), ns.out)
-        print(f"wrote {out}")
-        return 0
-    if not ns.sweep_file:
-        raise SweepError("sweep: give a sweep file (sweeps/<model>.yaml), or --export-best STUDY --out FILE")
-    sweep = load_sweep(ns.sweep_file, parse_set(ns.set))
-    try:
-        run_sweep(sweep, n_trials=ns.n_trials, storage=ns.storage, study_name=ns.study_name, create_only=ns.create_only)
-    except KeyboardInterrupt:
-        print("sweep interrupted: the running trial is queued again; rerun the same command to continue")
-        return 130
-    return 0

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sensorium.callbacks import EMA, BudgetDecay, CutMix, PlateauRestore
 from lightning_sensorium.callbacks.cutmix import cutmix_batch, rand_box
-from lightning_sensorium.cli import lightning_main, with_defaults
+from lightning_sensorium.launch import run_lightning, with_experiment_defaults
+from tests.test_training import FAST as TRAINING_FAST
 
 ROOT = Path(__file__).parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -329,23 +330,11 @@ def test_ema_checkpoint_holds_both_and_resume_restores_both(tmp_path: Path) -> N
 
 
 # ---------------------------------------------------------------------------------------------------- full stack
+#: tests/test_training.py's shrunken fit (each test here sets its own limit_train_batches), quieter and smaller.
 FAST = [
-    "--trainer.max_epochs",
-    "1",
-    "--trainer.num_sanity_val_steps",
-    "0",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.enable_progress_bar",
-    "false",
+    *TRAINING_FAST,
     "--trainer.enable_model_summary",
     "false",
-    "--data.frames",
-    "24",
-    "--data.batch_size",
-    "2",
-    "--data.eval_batch_size",
-    "6",
     "--model.core.init_args.hidden_channels",
     "[4, 4, 4]",
     "--model.log_figures",
@@ -392,7 +381,7 @@ def _callbacks_config(tmp_path: Path) -> Path:
 
 
 def _args(tmp_path: Path, stores: Path, *extra: str) -> list[str]:
-    return with_defaults(
+    return with_experiment_defaults(
         [
             "fit",
             "--config",
@@ -412,7 +401,7 @@ def _args(tmp_path: Path, stores: Path, *extra: str) -> list[str]:
 def test_factorized_bf16_fit_with_ema_and_cutmix(tiny_stores: Path, tmp_path: Path) -> None:
     probe_config = json.dumps({"class_path": "tests.test_callbacks.BatchProbe"})
     extra = ["--trainer.precision", "bf16-mixed", "--trainer.limit_train_batches", "4"]
-    cli = lightning_main(_args(tmp_path, tiny_stores, *extra, "--trainer.callbacks+", probe_config))
+    cli = run_lightning(_args(tmp_path, tiny_stores, *extra, "--trainer.callbacks+", probe_config))
     probe = next(c for c in cli.trainer.callbacks if isinstance(c, BatchProbe))
     assert any(isinstance(c, EMA) for c in cli.trainer.callbacks)
     assert len(probe.fractions) == 8 and sum(f > 0 for f in probe.fractions) >= 4  # the module saw mixed batches
@@ -426,8 +415,8 @@ def test_factorized_bf16_fit_with_ema_and_cutmix(tiny_stores: Path, tmp_path: Pa
 
 _DDP_SCRIPT = """
 import json, sys
-from lightning_sensorium.cli import lightning_main
-lightning_main(json.loads(sys.argv[1]))
+from lightning_sensorium.launch import run_lightning
+run_lightning(json.loads(sys.argv[1]))
 """
 
 
@@ -577,3 +566,79 @@ def test_budget_decay_errors_and_state(tmp_path: Path) -> None:
     cb = BudgetDecay()
     cb.load_state_dict({"applied": 0.25})
     assert cb.state_dict() == {"applied": 0.25}
+
+
+# --------------------------------------------------------------------------------------------------- FigureLogger
+def _mouse_ids(n: int) -> list[str]:
+    """Release-like ids of 58 characters: ``<animal>-<session>-<scan>-Video-<hash>``."""
+    ids = [f"dynamic2915{i}-11-10-Video-" + f"{i}8744edeac3b4d1ce16b680916b5267ce"[:33] for i in range(n)]
+    assert all(len(m) == 58 for m in ids)
+    return ids
+
+
+def _extents(fig: Any, artists: list[Any]) -> list[Any]:
+    renderer = fig.canvas.get_renderer()
+    return [a.get_window_extent(renderer) for a in artists if a.get_visible() and a.get_text()]
+
+
+def test_figures_of_58_character_mouse_ids_render_without_overlaps() -> None:
+    import io
+
+    from lightning_sensorium.figures import correlation_histogram, mouse_label, plt, readout_positions, traces
+
+    mice = _mouse_ids(7)
+    assert mouse_label(mice[0]) == "dynamic29150-11-10" and len(mouse_label("x" * 58)) == 20
+    rng = np.random.default_rng(0)
+    hist = correlation_histogram({m: rng.uniform(-0.1, 0.6, 50) for m in mice})
+    positions = readout_positions({m: rng.uniform(-1, 1, (30, 2)) for m in mice})
+    trace = traces(torch.rand(6, 120), torch.rand(6, 120), rng.uniform(0, 1, 6), skip_frames=50, mouse_id=mice[0])
+    for fig in (hist, positions, trace):
+        fig.savefig(io.BytesIO(), format="png")  # draws every artist
+        page = fig.bbox
+        texts = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+        texts += [t for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes)] if legend for t in legend.texts]
+        boxes = _extents(fig, texts)
+        assert all(
+            page.x0 - 1 <= b.x0 and b.x1 <= page.x1 + 1 and page.y0 - 1 <= b.y0 and b.y1 <= page.y1 + 1 for b in boxes
+        )
+        titles = _extents(fig, [ax.title for ax in fig.axes])
+        assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1 :])
+    legend_box = hist.legends[0].get_window_extent(hist.canvas.get_renderer())
+    assert not legend_box.overlaps(hist.axes[0].get_window_extent())  # beside the histogram, not on it
+    for fig in (hist, positions, trace):
+        plt.close(fig)
+
+
+def test_figure_logger_draws_validation_and_test_figures(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_sensorium.callbacks import FigureLogger
+
+    mice = _mouse_ids(2)
+    rng = np.random.default_rng(0)
+    vectors = {m: {"single_trial_corr_per_neuron": rng.uniform(0, 0.5, 8)} for m in mice}
+    module = SimpleNamespace(
+        results={stage: {"oracle": {"per_mouse_vectors": vectors}} for stage in ("val", "test")},
+        primary_tier=lambda stage: "oracle",
+        skip_frames=50,
+        readout_positions=lambda: {m: rng.uniform(-1, 1, (8, 2)) for m in mice},
+    )
+    logger = TensorBoardLogger(str(tmp_path), name="figures")
+    trainer = SimpleNamespace(loggers=[logger], global_step=3, is_global_zero=True, sanity_checking=False)
+    batch = {"mouse_id": mice[1], "responses": torch.rand(2, 8, 120)}
+    callback = FigureLogger()
+    callback.on_validation_start(trainer, module)  # type: ignore[arg-type]
+    callback.on_validation_batch_end(trainer, module, torch.rand(2, 8, 120), batch, 0)  # type: ignore[arg-type]
+    callback.on_validation_end(trainer, module)  # type: ignore[arg-type]
+    callback.on_test_start(trainer, module)  # type: ignore[arg-type]
+    callback.on_test_batch_end(trainer, module, None, batch, 0)  # type: ignore[arg-type]  # an unscored batch
+    callback.on_test_end(trainer, module)  # type: ignore[arg-type]
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    tags = set(events.Tags()["images"])
+    assert {"val/traces", "val/correlation_histogram", "val/readout_positions"} <= tags
+    assert {"test/correlation_histogram", "test/readout_positions"} <= tags and "test/traces" not in tags

@@ -73,7 +73,7 @@ def test_ensemble_recipe_equals_hand_averaged_predictions(fits: dict[str, Any], 
     differ = False
     with torch.no_grad():
         for batch in dm.trial_loader(["final_test_main"]):
-            a, b = (m.predict_full(batch) for m in members)  # (B, N, T)
+            a, b = (m.predict_whole_trials(batch) for m in members)  # (B, N, T)
             differ |= not torch.allclose(a[..., 50:], b[..., 50:])
             avg = (a + b) / 2
             for i, length in enumerate(batch["length"].tolist()):
@@ -97,7 +97,7 @@ class _Fake(nn.Module):
         super().__init__()
         self.pred, self.neurons = pred, neurons
 
-    def predict_full(self, batch: dict[str, Any]) -> torch.Tensor:
+    def predict_whole_trials(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.pred
 
 
@@ -110,7 +110,7 @@ def test_ensemble_averages_where_members_predict() -> None:
     a = torch.tensor([[[math.nan, math.nan, 1.0, 3.0]]])  # (1, 1, 4): loses 2 leading frames
     b = torch.tensor([[[math.nan, 2.0, 3.0, 5.0]]])  # loses 1
     ens = EnsembleModule([_Fake(a, _neurons([1])), _Fake(b, _neurons([1]))])
-    out = ens.predict_full({})
+    out = ens.predict_whole_trials({})
     assert torch.isnan(out[0, 0, 0])
     assert out[0, 0, 1:].tolist() == [2.0, 2.0, 4.0]
     with pytest.raises(ValueError, match="other neurons"):

@@ -1,95 +1,68 @@
 """Every experiments/*.yaml fits end to end on tiny synthetic mice (``fast_dev_run``), shrunk to seconds on CPU,
 in float32 and under bf16 autocast (``bf16-mixed``, the mixed precision every model supports).
 
-``SMOKE`` holds, per config, the overrides that make its model tiny (fewer channels, shorter windows); the recipe
-itself (loss, optimiser, callbacks, data mode) is what the YAML says. Every config must have an entry.
+``tests/configs/<model>.yaml``, layered over each experiment as a second ``--config``, makes its model tiny (fewer
+channels, shorter windows); the recipe itself (loss, optimiser, callbacks, data mode) is what the YAML says. Every
+experiment must have one. The CPU recipes of ``experiments/cpu/`` (what the demo trains) are checked to build.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from lightning_sensorium.cli import cli_args, lightning_main, with_defaults
-from lightning_sensorium.demo import DEMO_OVERRIDES, demo_overrides, resolve_precision
+from lightning_sensorium.demo import cpu_recipe, fit_args, resolve_precision
+from lightning_sensorium.launch import run_lightning, with_experiment_defaults
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 CONFIGS = sorted(p.name for p in EXPERIMENTS.glob("*.yaml") if p.name != "defaults.yaml")
-
-#: config file → overrides (option → value) that shrink the model for a CPU smoke test; CORE = the core's init_args.
-CORE = "model.core.init_args."
-#: Both DwiseNeuro stages shrink the same way.
-DWISENEURO = {
-    CORE + "features": "[4, 8]",
-    CORE + "spatial_strides": "[2, 2]",
-    CORE + "expansion": "2",
-    CORE + "se_reduction": "4",
-    CORE + "cortex_features": "[8, 16]",
-    "data.frames": "8",
-    "model.eval_window": "8",
-    "model.eval_stride": "7",
-}
-SMOKE: dict[str, dict[str, str]] = {
-    "dwiseneuro.yaml": DWISENEURO,
-    "dwiseneuro_distill.yaml": DWISENEURO,
-    "dynamic_v1fm.yaml": {
-        CORE + "embed_dim": "8",
-        CORE + "num_heads": "2",
-        CORE + "mlp_hidden": "4",
-        CORE + "num_blocks": "2",
-        CORE + "window_size": "[2, 3, 3]",
-        "data.frames": "8",
-        "model.eval_window": "8",
-        "model.eval_stride": "4",
-    },
-    "factorized.yaml": {CORE + "hidden_channels": "[4, 4, 4]", "data.frames": "24"},
-    "gru.yaml": {
-        CORE + "hidden_channels": "2",
-        CORE + "num_rotations": "4",
-        CORE + "gru_channels": "4",
-        "data.frames": "12",
-    },
-    "viv1t.yaml": {
-        CORE + "dim": "8",
-        CORE + "heads": "2",
-        CORE + "head_dim": "4",
-        CORE + "ff_dim": "8",
-        CORE + "spatial_depth": "1",
-        CORE + "temporal_depth": "1",
-        CORE + "spatial_patch": "4",
-        CORE + "spatial_stride": "4",
-        CORE + "temporal_patch": "3",
-        "data.frames": "30",
-    },
-}
+TINY = Path(__file__).parent / "configs"
+CPU_CONFIGS = sorted(p.name for p in (EXPERIMENTS / "cpu").glob("*.yaml"))
 
 
 def smoke_args(config: str) -> list[str]:
-    """``SMOKE[config]`` as command-line arguments."""
-    return cli_args(SMOKE.get(config, {}))
+    """The tiny model of ``config`` (``tests/configs/<config>``) as a second ``--config``."""
+    return ["--config", str(TINY / config)]
 
 
-def test_every_config_has_a_smoke_entry() -> None:
-    assert set(CONFIGS) <= set(SMOKE), f"add a SMOKE entry for {sorted(set(CONFIGS) - set(SMOKE))}"
+def tiny_args(config: str, tiny_stores: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """Arguments of ``config`` at its tiny smoke size on ``tiny_stores``, logging under ``tmp_path``, then ``extra``."""
+    return [
+        "--config",
+        str(EXPERIMENTS / config),
+        *smoke_args(config),
+        "--data.root",
+        str(tiny_stores),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        *extra,
+    ]
+
+
+def test_every_config_has_a_tiny_smoke_config() -> None:
+    missing = sorted(set(CONFIGS) - {p.name for p in TINY.glob("*.yaml")})
+    assert not missing, f"add tests/configs/ files for {missing}"
+
+
+def test_every_trainable_experiment_has_a_cpu_recipe() -> None:
+    """Every experiment that trains from scratch has a CPU recipe (stage 2 needs a trained teacher)."""
+    assert set(CPU_CONFIGS) == set(CONFIGS) - {"dwiseneuro_distill.yaml"}
+    assert cpu_recipe(EXPERIMENTS / "factorized.yaml") == EXPERIMENTS / "cpu" / "factorized.yaml"
+    assert cpu_recipe(EXPERIMENTS / "dwiseneuro_distill.yaml") is None
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_experiment_fits(config: str, precision: str, tiny_stores: Path, tmp_path: Path) -> None:
-    args = with_defaults(
+    args = with_experiment_defaults(
         [
             "fit",
-            "--config",
-            str(EXPERIMENTS / config),
-            "--data.root",
-            str(tiny_stores),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "runs"),
-            "--trainer.default_root_dir",
-            str(tmp_path),
+            *tiny_args(config, tiny_stores, tmp_path),
             "--trainer.fast_dev_run",
             "true",
             "--trainer.accelerator",
@@ -100,30 +73,35 @@ def test_every_experiment_fits(config: str, precision: str, tiny_stores: Path, t
             "2",
             "--data.eval_batch_size",
             "2",
-            *smoke_args(config),
         ]
     )
-    cli = lightning_main(args)
+    cli = run_lightning(args)
     assert cli.trainer.state.finished
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
-@pytest.mark.parametrize("config", sorted(DEMO_OVERRIDES))
-def test_demo_overrides_name_real_options(config: str, tiny_stores: Path, tmp_path: Path) -> None:
-    """The demo's CPU-sized models (``demo.DEMO_OVERRIDES``) build from their experiment with those options."""
-    args = ["--config", str(EXPERIMENTS.parent / config), "--data.root", str(tiny_stores), *demo_overrides(config)]
-    cli = lightning_main(with_defaults(args), run=False)
+def _core_args(path: Path) -> dict[str, object]:
+    return yaml.safe_load(path.read_text())["model"]["core"]["init_args"]
+
+
+@pytest.mark.parametrize("config", CPU_CONFIGS)
+def test_cpu_recipes_build_as_the_demo_layers_them(config: str, tiny_stores: Path) -> None:
+    """The demo's arguments (experiment, then its CPU recipe) build the CPU-sized model: the recipe's integer core
+    options reach the core, data-derived values stay linked, and callbacks the recipe appends (``callbacks+``) join
+    the experiment's instead of replacing them."""
+    args = fit_args(str(EXPERIMENTS / config), tiny_stores, minutes=1.0, precision="32-true")[1:]
+    cli = run_lightning(with_experiment_defaults(args), run=False)
     core = cli.model.encoder.core
-    for option, value in DEMO_OVERRIDES[config].items():
-        if option.startswith("model.core.init_args.") and value.isdigit():
-            assert getattr(core, option.rsplit(".", 1)[1], int(value)) == int(value)
+    for option, value in _core_args(EXPERIMENTS / "cpu" / config).items():
+        if isinstance(value, int) and not isinstance(value, bool) and hasattr(core, option):
+            assert getattr(core, option) == value, option
     assert cli.model.frame_step == cli.datamodule.frame_step  # linked
-    if "data.frame_step" in DEMO_OVERRIDES[config]:
-        assert cli.datamodule.frame_step == int(DEMO_OVERRIDES[config]["data.frame_step"])
-    if "trainer.callbacks+" in DEMO_OVERRIDES[config]:  # appended to the experiment's callbacks, not replacing them
-        appended = json.loads(DEMO_OVERRIDES[config]["trainer.callbacks+"])["class_path"].rsplit(".", 1)[1]
-        names = {type(c).__name__ for c in cli.trainer.callbacks}
-        assert {appended, "ModelCheckpoint"} <= names
+    names = {type(c).__name__ for c in cli.trainer.callbacks}
+    if config in ("factorized.yaml", "dwiseneuro.yaml"):
+        assert {"EMA", "ModelCheckpoint"} <= names
+    if config == "factorized.yaml":
+        assert cli.datamodule.frame_step == 2
+        assert {"PlateauRestore", "LearningRateMonitor"} <= names  # appended, not replaced
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_sensorium.metrics import RepeatMetrics, SingleTrialCorrelation, pooled_mean
+from lightning_sensorium.metrics import MetricGroup, RepeatMetrics, SingleTrialCorrelation, pooled_mean, summarise
 
 SKIP = 50
 MAX_FRAMES = 120
@@ -185,6 +185,36 @@ def test_pooled_mean_is_neuron_weighted() -> None:
     assert torch.isnan(pooled_mean({}))
 
 
+def test_metric_group_keeps_the_three_metrics_and_summarise_pools_them() -> None:
+    preds, target, lengths, clips = _t(*repeat_data())
+    n = target.shape[1]
+    plain = MetricGroup(n, num_clips=4, skip_frames=SKIP)
+    plain.update(preds, target, clips, lengths)
+    with_rates = MetricGroup(n, num_clips=4, skip_frames=SKIP)
+    with_rates.update(preds, target, clips, lengths, rates=preds)
+    values, values_gt = plain.compute(), with_rates.compute()
+    single, repeat = SingleTrialCorrelation(n, skip_frames=SKIP), RepeatMetrics(n, num_clips=4, skip_frames=SKIP)
+    single.update(preds, target, lengths)
+    repeat.update(preds, target, clips, lengths)
+    expected = {"single_trial_corr": single.compute(), **repeat.compute()}
+    assert set(values) == set(expected) and "ground_truth_corr" not in values  # no rates, no ground truth
+    for name, value in expected.items():
+        torch.testing.assert_close(values[name], value, equal_nan=True)
+    torch.testing.assert_close(values_gt["ground_truth_corr"], values["single_trial_corr"])  # rates = predictions
+    plain.reset()
+    assert int(plain.single.n) == 0 and float(plain.repeat.count.sum()) == 0
+
+    summary = summarise({"oracle": {"a": values, "b": values_gt}})["oracle"]
+    both = {"a": values["single_trial_corr"], "b": values["single_trial_corr"]}
+    assert summary["pooled"]["single_trial_corr"] == pytest.approx(float(pooled_mean(both)))
+    assert summary["per_mouse"]["a"]["feve"] == pytest.approx(float(values["feve"][values["fev_mask"]].mean()))
+    assert "ground_truth_corr" not in summary["per_mouse"]["a"] and "ground_truth_corr" in summary["pooled"]
+    assert summary["pooled"]["fraction_of_ground_truth"] == pytest.approx(1.0)
+    np.testing.assert_array_equal(
+        summary["per_mouse_vectors"]["b"]["single_trial_corr_per_neuron"], values["single_trial_corr"].numpy()
+    )
+
+
 # ------------------------------------------------------------------------------------------ DDP
 # Uneven splits across 2 ranks; the repeats of clips 0 and 2 are split across the ranks.
 SINGLE_ROWS = ([0, 1, 2], [3, 4, 5, 6, 7, 8])
@@ -213,7 +243,7 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_equal_single_process() -> None:
-    ctx = mp.get_context("fork")  # cheap: the children inherit the imported modules (ecosystem.md §7)
+    ctx = mp.get_context("fork")  # cheap: the children inherit the imported modules
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_ddp_worker, args=(rank, port, queue)) for rank in range(2)]

@@ -1,8 +1,10 @@
-"""SensoriumModule mechanics shared by every model: sliding-window prediction, mixed-mouse batches, distillation."""
+"""SensoriumModule mechanics shared by every model: whole-trial prediction (one pass, per phase, sliding windows),
+mixed-mouse batches, distillation, the logged loss and the saved hyper-parameters."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,12 @@ from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.losses import PoissonLoss
 from lightning_sensorium.models import Core, Factorized3dCore, GaussianReadout, MLPShifter
 from lightning_sensorium.module import SensoriumModule
+from lightning_sensorium.predictors import WholeTrialPredictor, mean_where_predicted
 from tests.test_training import _fit
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+# training_step called outside a Trainer: its self.log calls have nowhere to go.
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
 
 class FrameCore(Core):
@@ -65,16 +70,37 @@ def batch(b: int = 2, t: int = 40, mouse: str = "a", seed: int = 0) -> dict[str,
 
 @torch.no_grad()
 def test_sliding_window_equals_one_pass_for_a_causal_core() -> None:
-    whole = module(Factorized3dCore(hidden_channels=(3, 3, 3)))
-    sliding = copy.deepcopy(whole)
-    sliding.eval_window = 30  # 30 frames in, the last 12 out
+    m = module(Factorized3dCore(hidden_channels=(3, 3, 3)))
     x = batch(t=47)
-    expected, got = whole.predict_full(x), sliding.predict_full(x)
+    expected = m.predict_whole_trials(x)
+    got = WholeTrialPredictor(m, eval_window=30)(x)  # 30 frames in, the last 12 out
     assert got.shape == expected.shape == (2, 5, 47)
     assert torch.isnan(got[..., :18]).all() and torch.isnan(expected[..., :18]).all()
     torch.testing.assert_close(got[..., 18:], expected[..., 18:], rtol=1e-4, atol=1e-5)
-    sliding.eval_window_batch = 1  # one window per pass: same result
-    torch.testing.assert_close(sliding.predict_full(x)[..., 18:], expected[..., 18:], rtol=1e-4, atol=1e-5)
+    one_at_a_time = WholeTrialPredictor(m, eval_window=30, eval_window_batch=1)  # one window per pass: same result
+    torch.testing.assert_close(one_at_a_time(x)[..., 18:], expected[..., 18:], rtol=1e-4, atol=1e-5)
+    m.eval_window = 30  # the module predicts with its own policy
+    torch.testing.assert_close(m.predict_whole_trials(x), got, equal_nan=True)
+
+
+@torch.no_grad()
+def test_whole_trial_predictor_takes_any_batch_model() -> None:
+    """A callable on a batch that predicts the last frames of its input: one pass, phases and windows agree."""
+
+    def running_mean(x: dict[str, Tensor]) -> Tensor:  # (B, N=2, T - 3): the mean of each frame and the 3 before
+        v = x["video"].mean(dim=(1, 3, 4))  # (B, T)
+        return v.unfold(1, 4, 1).mean(-1)[:, None].expand(-1, 2, -1)
+
+    x = batch(t=30)
+    whole = WholeTrialPredictor(running_mean)(x)  # (B, 2, T)
+    assert torch.isnan(whole[..., :3]).all() and torch.isfinite(whole[..., 3:]).all()
+    windows = WholeTrialPredictor(running_mean, eval_window=8, eval_stride=3)(x)
+    torch.testing.assert_close(windows[..., 3:], whole[..., 3:])
+    phases = WholeTrialPredictor(running_mean, frame_step=2)(x)  # 4 frames of one phase span 7 raw frames
+    assert torch.isnan(phases[..., :6]).all() and torch.isfinite(phases[..., 6:]).all()
+    averaged = mean_where_predicted([whole, phases])
+    torch.testing.assert_close(averaged[..., 3:6], whole[..., 3:6])  # only `whole` predicts these
+    torch.testing.assert_close(averaged[..., 6:], (whole[..., 6:] + phases[..., 6:]) / 2)
 
 
 @torch.no_grad()
@@ -83,11 +109,11 @@ def test_sliding_window_with_a_frame_step_covers_both_parities() -> None:
     stepped = module(FrameCore(), eval_window=4, frame_step=2)  # windows of frames e-6, e-4, e-2, e
     stepped.load_state_dict(whole.state_dict())
     x = batch(t=21)
-    torch.testing.assert_close(stepped.predict_full(x), whole.predict_full(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stepped.predict_whole_trials(x), whole.predict_whole_trials(x), rtol=1e-5, atol=1e-6)
     # Ends 6, 9, 12, 15, 18 every 3 frames, plus 7 (the first odd frames) and 19, 20 (the last frame of each phase;
     # without 19 the odd frames 17 and 19 would be unpredicted): every frame is predicted, as by stride 1.
     stepped.eval_stride = 3
-    torch.testing.assert_close(stepped.predict_full(x), whole.predict_full(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stepped.predict_whole_trials(x), whole.predict_whole_trials(x), rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()
@@ -96,13 +122,13 @@ def test_frame_step_without_a_window_predicts_each_phase_in_one_pass() -> None:
     stepped = module(Factorized3dCore(hidden_channels=(3, 3)), frame_step=2)
     stepped.load_state_dict(whole.state_dict())
     x = batch(t=41)
-    pred = stepped.predict_full(x)
+    pred = stepped.predict_whole_trials(x)
     assert pred.shape == (2, 5, 41)
     # The core loses 14 of each phase's frames (kernels 11 and 5): phase 0 has 21 frames, phase 1 has 20.
     assert torch.isnan(pred[..., :28]).all() and torch.isfinite(pred[..., 28:]).all()
     for phase in (0, 1):  # each phase equals the whole-trial pass over that phase's frames
         sub = {**x, **{k: x[k][:, :, phase::2] for k in ("video", "behavior", "pupil_center")}}  # type: ignore[index]
-        expected = whole.predict_full(sub)  # (B, N, T_p)
+        expected = whole.predict_whole_trials(sub)  # (B, N, T_p)
         torch.testing.assert_close(pred[..., phase::2][..., 14:], expected[..., 14:])
 
 
@@ -113,7 +139,7 @@ def test_sliding_window_options_are_checked() -> None:
         module(FrameCore(), eval_window=4, eval_stride=8, frame_step=2)
     short = module(FrameCore(), eval_window=16, frame_step=2)
     with pytest.raises(ValueError, match="shorter than one prediction window of 31 frames"):
-        short.predict_full(batch(t=20))
+        short.predict_whole_trials(batch(t=20))
 
 
 def mixed_batch(seed: int = 0) -> dict[str, object]:
@@ -134,7 +160,7 @@ def test_mixed_batch_loss_is_the_mean_over_samples_of_per_sample_sums() -> None:
         pred = m({**sub, "mouse_id": mouse})[0]  # (N, T)
         y = x["responses"][i]  # type: ignore[index]
         per_sample.append((pred - y * torch.log(pred + 1e-8)).sum())
-    torch.testing.assert_close(m._mixed_training_step(x), torch.stack(per_sample).mean())
+    torch.testing.assert_close(m.training_step(x, 0), torch.stack(per_sample).mean())
 
 
 @torch.no_grad()
@@ -145,9 +171,9 @@ def test_distillation_blends_real_and_teacher_targets() -> None:
     for p in teacher.parameters():
         p.add_(0.05)
     x = mixed_batch()
-    real = student._mixed_training_step(x)
+    real = student.training_step(x, 0)
     student._teachers = [teacher]
-    blended = student._mixed_training_step(x)
+    blended = student.training_step(x, 0)
     # By hand: the (sample, other mouse) pairs are (0, b), (1, a), (2, b).
     pairs = []
     for i, other in [(0, "b"), (1, "a"), (2, "b")]:
@@ -201,15 +227,15 @@ def _check_short_trial(m: SensoriumModule) -> None:
     x = batch(t=60)
     x["length"] = torch.tensor([60, 47])
     x["video"][1, :, 47:] = 0  # the loader's padding  # type: ignore[index]
-    pred = m.predict_full(x)
+    pred = m.predict_whole_trials(x)
     alone = {k: (v[1:2, :, :47] if isinstance(v, Tensor) and v.dim() > 1 else v) for k, v in x.items()}
     alone.pop("length")
-    expected = m.predict_full(alone)  # (1, N, 47)
+    expected = m.predict_whole_trials(alone)  # (1, N, 47)
     torch.testing.assert_close(pred[1:2, :, :47], expected, equal_nan=True)
     assert torch.isnan(pred[1, :, 47:]).all() and torch.isfinite(pred[1, :, 46]).all()
     first = {k: (v[:1] if isinstance(v, Tensor) and v.dim() > 1 else v) for k, v in x.items()}
     first.pop("length")
-    torch.testing.assert_close(pred[:1], m.predict_full(first), equal_nan=True)
+    torch.testing.assert_close(pred[:1], m.predict_whole_trials(first), equal_nan=True)
 
 
 @torch.no_grad()
@@ -224,7 +250,7 @@ def test_response_scale_multiplies_predictions_and_divides_training_targets() ->
         module(FrameCore(), eval_window=4, frame_step=2, eval_stride=3),
     ]
     for m in cases:
-        plain, scaled = m.predict_full(x), m.predict_full({**x, "response_scale": scale})
+        plain, scaled = m.predict_whole_trials(x), m.predict_whole_trials({**x, "response_scale": scale})
         ok = torch.isfinite(plain)
         assert ok.any() and torch.equal(ok, torch.isfinite(scaled))
         torch.testing.assert_close(scaled[ok], (plain * scale)[ok])
@@ -238,6 +264,35 @@ def test_response_scale_multiplies_predictions_and_divides_training_targets() ->
     mixed = mixed_batch()
     scales = [torch.full_like(r, 2.0) for r in mixed["responses"]]  # type: ignore[attr-defined]
     halved = {**mixed, "responses": [r / 2 for r in mixed["responses"]]}  # type: ignore[attr-defined]
-    torch.testing.assert_close(
-        m._mixed_training_step({**mixed, "response_scale": scales}), m._mixed_training_step(halved)
-    )
+    torch.testing.assert_close(m.training_step({**mixed, "response_scale": scales}, 0), m.training_step(halved, 0))
+
+
+def test_fit_logs_the_poisson_nll_and_no_module_in_hyperparameters(tiny_stores: Path, tmp_path: Path) -> None:
+    """No "is an instance of `nn.Module`" warning from a fit, a checkpoint load or a module built in code; the
+    checkpoint keeps the core's configuration; the loss is logged as the recipe's and per response."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = _fit(tmp_path, tiny_stores, "--trainer.limit_val_batches", "1")
+        ckpt = cli.trainer.checkpoint_callback.last_model_path  # type: ignore[attr-defined]
+        loaded = SensoriumModule.load_from_checkpoint(ckpt, map_location="cpu")
+        built = module(FrameCore())
+    assert not [str(w.message) for w in caught if "nn.Module" in str(w.message)]
+    assert "core" in torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert not any(isinstance(v, nn.Module) for v in [*loaded.hparams.values(), *built.hparams.values()])
+    assert {"train/loss", "train/poisson_nll"} <= set(cli.trainer.callback_metrics)  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def test_training_step_logs_the_mean_poisson_nll_of_one_response() -> None:
+    """``train/poisson_nll`` is the mean Poisson NLL per (trial, neuron, frame) value, whatever the recipe's loss
+    reduction (here the baselines' sum × √(trials/B), ~10⁴ times larger)."""
+    m = module(Factorized3dCore(hidden_channels=(3, 3, 3)))
+    logged: dict[str, torch.Tensor] = {}
+    m.log = lambda name, value, **_: logged.__setitem__(name, value)  # type: ignore[method-assign,assignment,misc]
+    x = {**batch(t=30), "responses": torch.rand(2, 5, 30, generator=torch.Generator().manual_seed(1))}
+    m.training_step(x, 0)
+    pred = m(x)  # (B, N, T') in eval mode: the readout reads its mean positions, the same in both calls
+    target = x["responses"][..., -pred.shape[-1] :]  # type: ignore[index]
+    expected = (pred - target * torch.log(pred + 1e-8)).mean()
+    torch.testing.assert_close(logged["train/poisson_nll"], expected)
+    assert logged["train/loss"] > 100 * logged["train/poisson_nll"]

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from lightning_sensorium.callbacks.prediction_writer import read_predictions
-from lightning_sensorium.cli import lightning_main, main, with_defaults
+from lightning_sensorium.cli import main
 from lightning_sensorium.data.datamodule import SensoriumDataModule
 from lightning_sensorium.data.normalization import Normalizer
+from lightning_sensorium.launch import run_lightning, with_experiment_defaults
 from lightning_sensorium.prediction import Stimulus, StimulusInputs
 from tests.test_evaluate import EXPERIMENTS, TINY_FIT, fitted
 
@@ -52,7 +53,7 @@ def test_predict_tiers_to_zarr(fits: dict[str, Any], model: Any, tiny_stores: Pa
     # Same numbers as the model on the loader's batches.
     batch = next(iter(dm.trial_loader(["oracle"], max_trials=4)))
     with torch.no_grad():
-        expected = model.predict_full(batch)  # (B, N, T)
+        expected = model.predict_whole_trials(batch)  # (B, N, T)
     arrays = preds[batch["mouse_id"]]
     for b, trial in enumerate(batch["trial"].tolist()):
         row = int(np.flatnonzero(arrays["trial"] == trial)[0])
@@ -78,7 +79,7 @@ def test_lightning_predict_with_writer_callback(fits: dict[str, Any], tiny_store
         "--trainer.callbacks+=lightning_sensorium.callbacks.prediction_writer.ZarrPredictionWriter",
     ]
     args += [f"--trainer.callbacks.out={out}", "--data.predict_tiers", "[live_test_main]"]
-    lightning_main(with_defaults(args))
+    run_lightning(with_experiment_defaults(args))
     preds = read_predictions(out)
     dm = SensoriumDataModule(root=str(tiny_stores), frames=24)
     for mouse, arrays in preds.items():
@@ -114,7 +115,7 @@ def test_predict_user_video(fits: dict[str, Any], model: Any, tiny_stores: Path,
         "pupil_center": torch.from_numpy(np.ascontiguousarray(x["pupil_center"].T))[None],
     }
     with torch.no_grad():
-        expected = model.predict_full(batch)[0].T.numpy()  # (T, N)
+        expected = model.predict_whole_trials(batch)[0].T.numpy()  # (T, N)
     assert np.isnan(got["prediction"][0, :LOST]).all()
     np.testing.assert_allclose(got["prediction"][0, LOST:], expected[LOST:], rtol=1e-4, atol=1e-5)
 

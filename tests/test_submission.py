@@ -15,7 +15,8 @@ import pytest
 from lightning_sensorium.cli import main
 from lightning_sensorium.data.datamodule import SensoriumDataModule
 from lightning_sensorium.scoring import score_submission
-from lightning_sensorium.submission import FILE_NAMES, SubmissionBuilder, SubmissionError
+from lightning_sensorium.submission import SubmissionBuilder
+from lightning_sensorium.submission_format import FILE_NAMES, SubmissionError, schema, tier_of_file
 from tests.test_evaluate import fitted
 
 MAIN = ("live_test_main", "final_test_main")
@@ -164,7 +165,7 @@ def test_every_validation_failure_writes_nothing(dm: SensoriumDataModule, tmp_pa
         r"trial\(s\) without prediction, trial_indices",
         lambda b, m, r, t, n: b.add(m, "live_test_main", r, good((n, t)), t),
     )
-    with pytest.raises(SubmissionError, match="--track"):
+    with pytest.raises(SubmissionError, match="track 'ood'"):
         SubmissionBuilder(out, dm.stores, track="ood")  # type: ignore[arg-type]
     nothing_written()
 
@@ -176,8 +177,6 @@ def _rewrite(src: Path, dst: Path, change: Any) -> Path:
     if rows and "neuron_ids" not in rows[0]:
         pq.write_table(pa.Table.from_pylist(rows), dst)
     else:
-        from lightning_sensorium.submission import schema
-
         pq.write_table(pa.Table.from_pylist(rows, schema=schema()), dst, compression="brotli")
     return dst
 
@@ -219,7 +218,6 @@ def test_score_rejects_malformed_submissions(dm: SensoriumDataModule, tiny_store
 
 def test_scale_by_precision_and_file_names(dm: SensoriumDataModule, tmp_path: Path) -> None:
     from lightning_sensorium.data.normalization import response_precision
-    from lightning_sensorium.submission import tier_of_file
 
     _random_submission(dm, tmp_path / "plain")
     _random_submission(dm, tmp_path / "scaled", scale_by_precision=True)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_sensorium.cli import lightning_main, main, with_defaults
+from lightning_sensorium.cli import main
 from lightning_sensorium.data.datamodule import SensoriumDataModule
 from lightning_sensorium.data.normalization import Normalizer, over_time, response_precision
+from lightning_sensorium.launch import run_lightning, with_experiment_defaults
 from lightning_sensorium.prediction import Stimulus, StimulusInputs
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
@@ -174,25 +175,25 @@ def test_bad_data_options(tiny_stores: Path, tmp_path: Path) -> None:
 def test_every_ddp_rank_gets_an_eval_batch_and_padding_is_marked(tiny_stores: Path) -> None:
     """Under DDP each evaluation batch goes to one rank; a rank left without one gets a padding batch (a copy that
     the module and the writers skip), so every rank runs the evaluation loop and its metric all-reduce."""
-    from lightning_sensorium.data.datamodule import _EvalTrials, _PaddedEvalSampler
+    from lightning_sensorium.data.datamodule import EvalTrials, PaddedEvalSampler
 
     dm = SensoriumDataModule(root=str(tiny_stores), val_tiers=["oracle"], eval_batch_size=100)
-    ds = _EvalTrials(dm, ["oracle"], 100, skip_hidden=True)
+    ds = EvalTrials(dm, ["oracle"], 100, skip_hidden=True)
     n = len(ds)  # one batch per mouse
     world = n + 2
-    shards = [list(_PaddedEvalSampler(ds, world, rank)) for rank in range(world)]
-    assert [len(_PaddedEvalSampler(ds, world, rank)) for rank in range(world)] == [1] * world
+    shards = [list(PaddedEvalSampler(ds, world, rank)) for rank in range(world)]
+    assert [len(PaddedEvalSampler(ds, world, rank)) for rank in range(world)] == [1] * world
     real = sorted(i for shard in shards for i in shard if i >= 0)
     assert real == list(range(n))  # every batch exactly once
     assert shards[n] == [~0] and shards[n + 1] == [~1]  # the extra ranks: padding copies
     padded, original = ds[shards[n][0]], ds[0]
     assert padded["padding"] is True and "padding" not in original
     torch.testing.assert_close(padded["responses"], original["responses"])
-    assert n >= 2 and all(i >= 0 for r in (0, 1) for i in _PaddedEvalSampler(ds, 2, r))  # enough: no padding
+    assert n >= 2 and all(i >= 0 for r in (0, 1) for i in PaddedEvalSampler(ds, 2, r))  # enough: no padding
 
 
 def _fit(tmp_path: Path, stores: Path, *extra: str) -> object:
-    args = with_defaults(
+    args = with_experiment_defaults(
         [
             "fit",
             "--config",
@@ -207,7 +208,7 @@ def _fit(tmp_path: Path, stores: Path, *extra: str) -> object:
             *extra,
         ]
     )
-    return lightning_main(args)
+    return run_lightning(args)
 
 
 def test_fit_evaluate_and_resume(tiny_stores: Path, tmp_path: Path) -> None:

@@ -3,7 +3,19 @@
 from lightning_sensorium.callbacks.budget import BudgetDecay
 from lightning_sensorium.callbacks.cutmix import CutMix
 from lightning_sensorium.callbacks.ema import EMA
+from lightning_sensorium.callbacks.figures import FigureLogger
+from lightning_sensorium.callbacks.memory import MemoryCheck
 from lightning_sensorium.callbacks.plateau import PlateauRestore
 from lightning_sensorium.callbacks.prediction_writer import ZarrPredictionWriter
+from lightning_sensorium.callbacks.progress import ProgressBar
 
-__all__ = ["BudgetDecay", "EMA", "CutMix", "PlateauRestore", "ZarrPredictionWriter"]
+__all__ = [
+    "BudgetDecay",
+    "EMA",
+    "CutMix",
+    "FigureLogger",
+    "MemoryCheck",
+    "PlateauRestore",
+    "ProgressBar",
+    "ZarrPredictionWriter",
+]

@@ -3,7 +3,7 @@
 The original is timm's ``ModelEmaV2`` (https://github.com/lRomul/sensorium/blob/master/src/ema.py): a copy of the
 whole ``state_dict`` made when the model is built, blended after every optimizer step, used for validation and saved
 as the checkpoint. This callback is Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging` with four
-changes (ecosystem.md §2):
+changes (docs/training.md):
 
 * the blend is a module-level class, not a closure, so the callback pickles (``ddp_spawn``);
 * the copy is built in ``on_fit_start``, after the strategy has moved and cast the module (right device and dtype,

@@ -23,9 +23,6 @@ From YAML or the command line (``lightning predict --config ... --ckpt_path ... 
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ import numpy as np
 import zarr
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lightning_sensorium.atomic import place, remove, temporary_sibling
 from lightning_sensorium.data.layout import TIERS
 
 #: ``format`` attribute of a prediction store.
@@ -136,7 +134,7 @@ class ZarrPredictionWriter(BasePredictionWriter):
     def check_target(self) -> None:
         """Raise if ``out`` exists and may not be replaced."""
         if self.out.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.out} exists; pass --overwrite to replace it")
+            raise FileExistsError(f"{self.out} exists; set overwrite=True to replace it")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size > 1:
@@ -150,8 +148,7 @@ class ZarrPredictionWriter(BasePredictionWriter):
         self._open(self.layouts)
 
     def _open(self, layouts: Sequence[PredictionLayout]) -> None:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._tmp = temporary_sibling(self.out)
         root = zarr.open_group(str(self._tmp), mode="w")
         root.attrs.update({"format": FORMAT, "format_version": 1, "mice": [lay.mouse_id for lay in layouts]})
         root.attrs.update(self.attrs)
@@ -217,14 +214,8 @@ class ZarrPredictionWriter(BasePredictionWriter):
                 raise RuntimeError(
                     f"ZarrPredictionWriter: mouse {mouse}: {int((~done).sum())} trial(s) never predicted"
                 )
-        if self.out.exists():
-            self.check_target()
-            trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out, trash)
-            os.replace(self._tmp, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self._tmp, self.out)
+        self.check_target()
+        place(self._tmp, self.out)
         self._tmp = None
         self.written = self.out
         return self.out
@@ -232,7 +223,7 @@ class ZarrPredictionWriter(BasePredictionWriter):
     def abort(self) -> None:
         """Remove the temporary store."""
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            remove(self._tmp)
             self._tmp = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -11,7 +11,9 @@ Batch keys and shapes (one vocabulary everywhere)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -35,3 +37,40 @@ class NeuronInfo:
     @property
     def num_neurons(self) -> int:
         return int(self.unit_ids.shape[0])
+
+
+class NeuronMismatchError(ValueError):
+    """Two sets of neurons that must agree (a checkpoint's and the data's, two ensemble members') differ."""
+
+
+def check_same_neurons(
+    reference: Mapping[str, NeuronInfo],
+    other: Mapping[str, NeuronInfo],
+    names: tuple[str, str] = ("the checkpoint", "the data"),
+    mice: Literal["same", "covered", "shared"] = "same",
+) -> None:
+    """Raise :class:`NeuronMismatchError` unless every mouse compared has the same unit ids, in the same order, in
+    ``reference`` and ``other`` (``names`` name them in the message).
+
+    ``mice``: ``same``: both hold the same mice; ``covered``: every mouse of ``other`` is in ``reference``;
+    ``shared``: only the mice both hold are compared.
+    """
+    ref_name, other_name = names
+    if mice == "same" and set(reference) != set(other):
+        raise NeuronMismatchError(
+            f"the mice of {ref_name} {sorted(reference)} do not match the mice of {other_name} {sorted(other)}; "
+            "select the same mice with data.mice"
+        )
+    missing = sorted(set(other) - set(reference))
+    if mice == "covered" and missing:
+        raise NeuronMismatchError(
+            f"no readout in {ref_name} for mice {missing} of {other_name} (known: {sorted(reference)}); "
+            "select mice with data.mice"
+        )
+    for mouse in [m for m in reference if m in other]:
+        a, b = np.asarray(reference[mouse].unit_ids), np.asarray(other[mouse].unit_ids)
+        if a.shape != b.shape or not np.array_equal(a, b):
+            raise NeuronMismatchError(
+                f"mouse {mouse}: {other_name} has other neurons than {ref_name} "
+                f"({b.shape[0]} against {a.shape[0]}, or other unit_ids)"
+            )

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.data.layout import TIERS
 from lightning_sensorium.data.normalization import InputStatistics, Normalizer
-from lightning_sensorium.data.store import MouseStore
+from lightning_sensorium.data.store import MouseStore, is_url
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,9 @@ DEFAULT_ROOT = "data/stores"
 Batch = dict[str, Any]
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def discover_stores(root: str, mice: Sequence[str] | None, storage_options: dict[str, Any] | None) -> list[str]:
     """The store paths (or URLs) of the selected mice under ``root``, sorted by mouse id."""
-    if _is_url(root):
+    if is_url(root):
         if not mice:
             raise ValueError(f"data.root={root!r} is a URL: list the mice explicitly with data.mice")
         return [f"{root.rstrip('/')}/{m}.zarr" for m in mice]
@@ -103,7 +99,7 @@ class _WindowReader(Dataset):
         return self.dm._collate([self.dm._read(m, t, s, s + self.dm.span, rates=False) for m, t, s in plan])
 
 
-class _EvalTrials(Dataset):
+class EvalTrials(Dataset):
     """Whole trials of the evaluation tiers, pre-grouped into batches of one mouse and one tier."""
 
     def __init__(
@@ -132,7 +128,7 @@ class _EvalTrials(Dataset):
         return len(self.groups)
 
     def __getitem__(self, index: int) -> Batch:
-        padding = index < 0  # see _PaddedEvalSampler: a rank's stand-in batch, never scored or written
+        padding = index < 0  # see PaddedEvalSampler: a rank's stand-in batch, never scored or written
         mouse, tier, trials = self.groups[~index if padding else index]
         store = self.dm.stores[mouse]
         samples = [self.dm._read(mouse, t, 0, int(store.length[t])) for t in trials]
@@ -144,13 +140,13 @@ class _EvalTrials(Dataset):
         return batch
 
 
-class _PaddedEvalSampler(DistributedSampler):
+class PaddedEvalSampler(DistributedSampler):
     """Each evaluation batch on exactly one rank (rank ``r`` takes batches ``r, r + world, ...``), and at least one
     batch on every rank.
 
     Lightning's ``UnrepeatedDistributedSampler`` also scores each batch once but refuses fewer batches than ranks
     (and a rank without a batch would skip the evaluation loop while the others wait in the metrics' all-reduce).
-    Such a rank gets one *padding* batch instead: index ``~i`` (negative), which :class:`_EvalTrials` reads as batch
+    Such a rank gets one *padding* batch instead: index ``~i`` (negative), which :class:`EvalTrials` reads as batch
     ``i`` marked ``padding``, and the module and the writers skip. A ``DistributedSampler``, so Lightning keeps it.
     """
 
@@ -429,11 +425,11 @@ class SensoriumDataModule(L.LightningDataModule):
         return self._eval_loader(tiers, skip_hidden, max_trials)
 
     def _eval_loader(self, tiers: Sequence[str], skip_hidden: bool = True, max_trials: int | None = None) -> DataLoader:
-        ds = _EvalTrials(self, tiers, self.eval_batch_size, skip_hidden, max_trials)
+        ds = EvalTrials(self, tiers, self.eval_batch_size, skip_hidden, max_trials)
         sampler = None
         if self.trainer is not None and self.trainer.world_size > 1:
             # Lightning's default DistributedSampler pads by repeating trials; this one scores each trial once.
-            sampler = _PaddedEvalSampler(ds, self.trainer.world_size, self.trainer.global_rank)
+            sampler = PaddedEvalSampler(ds, self.trainer.world_size, self.trainer.global_rank)
         return DataLoader(ds, batch_size=None, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:

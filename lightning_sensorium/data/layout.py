@@ -17,7 +17,7 @@ Synthetic mice also get ground truth *beside* the session folders (never inside 
     <root>/ground_truth/<session>/clip_ids.npy       (n_trials,) int64: trials with identical pixels share an id
     <root>/ground_truth/<session>/stimulus_types.npy (n_trials,) str: one of STIMULUS_TYPES
 
-Zarr store (one per mouse, ``<out>/<mouse_id>.zarr``, time FIRST; see README "Store contract").
+Zarr store (one per mouse, ``<out>/<mouse_id>.zarr``, time FIRST; see docs/data.md, "Store contract").
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ TIERS: Final = (
     "final_test_main",
     "final_test_bonus",
 )
+#: Tier codes of a store: the six tiers and ``none`` (skipped by every loader; kept so such trials stay addressable).
+TIER_LABELS: Final = (*TIERS, "none")
 #: Tiers whose trials are repeats of a few clips (all but ``train``).
 REPEAT_TIERS: Final = TIERS[1:]
 #: Tiers whose responses are hidden (all zeros) for the competition mice.
@@ -45,6 +47,9 @@ TEST_TIERS: Final = ("live_test_main", "live_test_bonus", "final_test_main", "fi
 #: (https://github.com/bryanlimy/ViV1T-closed-loop/blob/main/misc/assign_stimulus_ids.py).
 STIMULUS_TYPES: Final = ("natural", "pink_noise", "gaussian_dots", "random_dots", "drifting_gabor", "image")
 OOD_STIMULUS_TYPES: Final = STIMULUS_TYPES[1:]
+
+#: The per-frame statistics of the release (``meta/statistics/<key>/all/<name>.npy``) and of a store.
+STATISTICS: Final = ("mean", "std", "min", "max", "median")
 
 #: Frames skipped at the start of every trial by the official metrics.
 SKIP_FRAMES: Final = 50

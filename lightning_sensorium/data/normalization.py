@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import numpy as np
+import numpy.typing as npt
 
 from lightning_sensorium.data.store import MouseStore
 
@@ -54,11 +55,16 @@ def over_time(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray
     )
 
 
-def response_precision(std: np.ndarray) -> np.ndarray:
-    """Official per-frame, per-neuron response precision from the ``(T, N)`` std (NaN where std is NaN)."""
+def response_precision(std: np.ndarray, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
+    """The official response precision from the per-frame, per-neuron std (any shape, e.g. ``(T, N)``).
+
+    ``1 / std`` where ``std > 0.01 * nanmean(std)``, else ``1 / (0.01 * nanmean(std))``; a NaN std (frames without
+    statistics) takes the second branch, so the precision is never NaN. Computed in ``std``'s precision and
+    returned as ``dtype``. The one implementation: the store writer, the normaliser and submissions use it.
+    """
     threshold = 0.01 * np.nanmean(std)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(std > threshold, 1.0 / std, 1.0 / threshold).astype(np.float32)
+        return np.where(std > threshold, 1.0 / std, 1.0 / threshold).astype(dtype, copy=False)
 
 
 class Normalizer:

@@ -24,9 +24,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import zarr
 
-from lightning_sensorium.data.layout import DATA_KEYS, TIERS
+from lightning_sensorium.data.layout import DATA_KEYS, STATISTICS, TIERS
 
-_STATS = ("mean", "std", "min", "max", "median")
 _SMALL = ("length", "tier", "clip_id", "stimulus_type", "hidden", "trial_index", "unit_ids", "coordinates")
 
 
@@ -39,8 +38,9 @@ class _RawLayout(NamedTuple):
     chunk_suffix: str  # "/0/0" or "/0/0/0": the chunk key after "<name>/c/<trial>"
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+def is_url(path: str | Path) -> bool:
+    """True for an fsspec URL (``http://``, ``s3://``, ``file://``, ...), False for a local path."""
+    return "://" in str(path)
 
 
 class MouseStore:
@@ -54,7 +54,7 @@ class MouseStore:
     def __init__(self, path_or_url: str | Path, storage_options: dict[str, Any] | None = None) -> None:
         self.path = str(path_or_url).rstrip("/")
         self.storage_options = storage_options
-        self.remote = _is_url(self.path)
+        self.remote = is_url(self.path)
         if not self.remote and not Path(self.path).is_dir():
             raise FileNotFoundError(f"{self.path}: no such store")
         self._handles: dict[str, Any] = {}
@@ -233,7 +233,7 @@ class MouseStore:
     def statistics(self) -> dict[str, dict[str, np.ndarray]]:
         """The official per-frame statistics, time first: videos (T, H, W), responses (T, N), others (T, 2)."""
         root = self._root()
-        return {k: {s: np.asarray(root[f"statistics/{k}/{s}"][...]) for s in _STATS} for k in DATA_KEYS}
+        return {k: {s: np.asarray(root[f"statistics/{k}/{s}"][...]) for s in STATISTICS} for k in DATA_KEYS}
 
     @cached_property
     def neuron_statistics(self) -> dict[str, dict[str, np.ndarray]]:

@@ -86,7 +86,7 @@ class CalciumELU1(ELU1):
 
 
 class Exp(nn.Module):
-    """``exp(x)``: ViV1T's output nonlinearity (``--output_mode=1`` in its README command; models.md §6)."""
+    """``exp(x)``: ViV1T's output nonlinearity (``--output_mode=1`` in its README command; docs/models.md: ViV1T)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.exp(x)
@@ -188,7 +188,8 @@ def strided_spatial_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride:
 
 
 # neuralpredictors regularizers.py `laplace()` and `laplace1d()`. The 1D filter sums to 2: it is not a second
-# difference, and it penalises the filter's energy as well as its roughness (models.md §2). Kept as the original.
+# difference, and it penalises the filter's energy as well as its roughness (docs/models.md: Factorized baseline).
+# Kept as the original.
 _LAPLACE_2D = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
 _LAPLACE_1D = torch.tensor([-1.0, 4.0, -1.0])
 

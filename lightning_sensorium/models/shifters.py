@@ -10,7 +10,7 @@ class MLPShifter(nn.Module):
 
     Port of neuralpredictors' ``MLP`` shifter with the 2023 baselines' settings (3 layers, 5 hidden units:
     Linear(2, 5) → Tanh → Linear(5, 5) → Tanh → Linear(5, 2) → Tanh, 57 parameters). PyTorch's default Linear
-    init applies, as in the original, whose ``initialize()`` never matches a layer (models.md §1):
+    init applies, as in the original, whose ``initialize()`` never matches a layer (docs/models.md: GRU baseline):
     https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/shifters/mlp.py
 
     Args:

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import zarr
 
-from lightning_sensorium.data import convert as convert_module
-from lightning_sensorium.data.convert import ConversionError, convert, group_clips, official_precision, same_clip
-from lightning_sensorium.data.layout import STIMULUS_TYPES, TIERS
+from lightning_sensorium.data import store_writer
+from lightning_sensorium.data.content import block_means, group_clips, same_clip
+from lightning_sensorium.data.convert import convert
+from lightning_sensorium.data.layout import STATISTICS, STIMULUS_TYPES, TIERS
+from lightning_sensorium.data.normalization import response_precision
+from lightning_sensorium.data.release import ConversionError
 from lightning_sensorium.data.store import MouseStore
 from tests.conftest import sessions
 
@@ -57,7 +60,7 @@ def test_values_equal_the_sources_time_first(tiny_release: Path, tiny_stores: Pa
             rates = np.load(tiny_release / "ground_truth" / session.name / f"rates/{i}.npy").T
             np.testing.assert_array_equal(np.asarray(root["ground_truth/rates"][i])[:length], rates[:length])
         for key in ("videos", "responses", "behavior", "pupil_center"):
-            for stat in ("mean", "std", "min", "max", "median"):
+            for stat in STATISTICS:
                 source = np.load(session / f"meta/statistics/{key}/all/{stat}.npy")
                 np.testing.assert_array_equal(store.statistics[key][stat], np.moveaxis(source, -1, 0))
 
@@ -90,7 +93,8 @@ def test_clip_ids_and_stimulus_types_match_the_generator(tiny_release: Path, tin
 def test_per_neuron_statistics(tiny_release: Path, tiny_stores: Path) -> None:
     session = sessions(tiny_release)[0]
     store = MouseStore(tiny_stores / f"{session.name}.zarr")
-    precision = official_precision(np.load(session / "meta/statistics/responses/all/std.npy").astype(np.float64))
+    std = np.load(session / "meta/statistics/responses/all/std.npy").astype(np.float64)  # (N, T_pad)
+    precision = response_precision(std, dtype=np.float64)
     raw, normalized = [], []
     for i in store.trials(["train"]):
         r = np.load(session / f"data/responses/{i}.npy")[:, : store.length[i]].astype(np.float64)
@@ -177,7 +181,7 @@ def test_group_clips_by_content() -> None:
     videos = [clips[c] + rng.integers(0, 2, clips[c].shape) for c in truth]  # repeats differ by ≤ 1 grey level
     frames = 60
     means = np.stack([v.reshape(frames, -1).mean(axis=1) for v in videos])
-    blocks = np.stack([convert_module.block_means(v) for v in videos])
+    blocks = np.stack([block_means(v) for v in videos])
     loads: list[int] = []
 
     def load(i: int) -> np.ndarray:
@@ -275,7 +279,7 @@ def test_older_format_from_the_same_source_is_rebuilt(
     zarr.open_group(path, mode="r+").attrs.update({"format_version": 2, "source_fingerprint": "old"})
     convert([session], tmp_path / "out", progress=False)
     assert "rebuilding (format 2 → 3)" in capsys.readouterr().out
-    assert zarr.open_group(path, mode="r").attrs["format_version"] == convert_module.FORMAT_VERSION
+    assert zarr.open_group(path, mode="r").attrs["format_version"] == store_writer.FORMAT_VERSION
 
 
 def test_output_that_is_not_a_store(tiny_release: Path, tmp_path: Path) -> None:
@@ -320,7 +324,7 @@ def test_interrupted_write_leaves_nothing(tiny_release: Path, tmp_path: Path, mo
             raise KeyboardInterrupt
         return "pink_noise"
 
-    monkeypatch.setattr(convert_module, "classify_stimulus", failing)
+    monkeypatch.setattr(store_writer, "classify_stimulus", failing)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         convert([session], out, progress=False)

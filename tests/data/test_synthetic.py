@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -11,20 +12,12 @@ import numpy as np
 import pytest
 
 from lightning_sensorium.data import digital_twin as twin
-from lightning_sensorium.data.layout import DATA_KEYS, GROUND_TRUTH_DIR, STIMULUS_TYPES, TEST_TIERS, TIERS
-from lightning_sensorium.data.synthetic import (
-    MEDIAN_RESERVOIR,
-    OOD_GENERATORS,
-    MouseBehaviour,
-    _neuron_meta,
-    ood_length,
-    plan_clips,
-    synthesize,
-    tree_digest,
-)
+from lightning_sensorium.data.content import classify_stimulus
+from lightning_sensorium.data.layout import DATA_KEYS, GROUND_TRUTH_DIR, STATISTICS, STIMULUS_TYPES, TEST_TIERS, TIERS
+from lightning_sensorium.data.stimuli import OOD_GENERATORS, MouseBehaviour, ood_length
+from lightning_sensorium.data.synthetic import MEDIAN_RESERVOIR, neuron_metadata, plan_clips, synthesize
 from tests.conftest import TINY, sessions
 
-STATS = ("mean", "std", "min", "max", "median")
 LENGTHS = {"natural": (300, 300), "random_dots": (240, 240), "drifting_gabor": (300, 300)}
 LENGTHS |= {"gaussian_dots": (315, 315), "pink_noise": (313, 324), "image": (305, 414)}
 
@@ -35,6 +28,16 @@ def _load(session: Path, rel: str) -> np.ndarray:
 
 def _truth(root: Path, session: Path, name: str) -> np.ndarray:
     return np.load(root / GROUND_TRUTH_DIR / session.name / name, allow_pickle=False)
+
+
+def tree_digest(root: Path) -> str:
+    """SHA-256 over every file path and content under ``root`` (for same-seed-same-bytes checks)."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def _official_length(arrays: list[np.ndarray]) -> int:
@@ -72,9 +75,9 @@ def test_official_layout(tiny_release: Path) -> None:
         assert sorted(p.name for p in (s / "meta" / "statistics").iterdir()) == sorted(DATA_KEYS)
         for key, shape in shapes.items():
             assert sorted(p.name for p in (s / "meta/statistics" / key / "all").iterdir()) == sorted(
-                f"{stat}.npy" for stat in STATS
+                f"{stat}.npy" for stat in STATISTICS
             )
-            for stat in STATS:
+            for stat in STATISTICS:
                 arr = _load(s, f"meta/statistics/{key}/all/{stat}.npy")
                 assert arr.shape == shape and arr.dtype == np.float32
             for i in range(n):
@@ -178,8 +181,6 @@ def test_natural_movies_are_not_noise(tiny_release: Path) -> None:
 
 @pytest.mark.parametrize("family", sorted(OOD_GENERATORS))
 def test_ood_families_match_the_release_and_the_converter(family: str) -> None:
-    from lightning_sensorium.data.convert import classify_stimulus
-
     rng = np.random.default_rng(7)
     length = ood_length(rng, family)
     assert LENGTHS[family][0] <= length <= LENGTHS[family][1]
@@ -264,9 +265,9 @@ def test_existing_session_is_refused(tiny_release: Path) -> None:
 
 
 def test_bad_options(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--neurons"):
+    with pytest.raises(ValueError, match="neurons must be ≥ 1"):
         synthesize(tmp_path, neurons=0, progress=False)
-    with pytest.raises(ValueError, match="--repeats"):
+    with pytest.raises(ValueError, match="repeats must be ≥ 1"):
         synthesize(tmp_path, repeats=0, progress=False)
     assert not any(tmp_path.iterdir())
 
@@ -274,7 +275,7 @@ def test_bad_options(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- the model
 def _neurons(n: int = 8) -> twin.NeuronParameters:
     rng = np.random.default_rng(0)
-    _, coords = _neuron_meta(rng, n)
+    _, coords = neuron_metadata(rng, n)
     mb = MouseBehaviour.draw(rng)
     return twin.draw_neurons(rng, coords, np.asarray(mb.eye_reference), np.array([mb.pupil_mean, 12.0]))
 

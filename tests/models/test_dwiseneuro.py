@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sensorium.cli import lightning_main, with_defaults
 from lightning_sensorium.data.batch import NeuronInfo
+from lightning_sensorium.launch import run_lightning, with_experiment_defaults
 from lightning_sensorium.losses import PoissonLoss
 from lightning_sensorium.models.cores.dwiseneuro import (
     DepthwiseConv3d,
@@ -26,7 +26,7 @@ from lightning_sensorium.models.cores.dwiseneuro import (
 )
 from lightning_sensorium.models.encoder import Encoder
 from lightning_sensorium.models.readouts.dwiseneuro import DwiseNeuroReadout
-from tests.test_experiments import EXPERIMENTS, smoke_args
+from tests.test_experiments import tiny_args
 
 #: Neuron counts of the 10 mice the original trains on (5 new, then 5 old; models.md).
 MICE_NEURONS = (7863, 7908, 8202, 7939, 8122, 7440, 7928, 8285, 7671, 7495)
@@ -289,15 +289,10 @@ def test_poisson_loss_can_relu_the_targets() -> None:
 
 
 def _fit(config: str, tiny_stores: Path, tmp_path: Path, *extra: str) -> object:
-    args = with_defaults(
+    args = with_experiment_defaults(
         [
             "fit",
-            "--config",
-            str(EXPERIMENTS / config),
-            "--data.root",
-            str(tiny_stores),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "runs"),
+            *tiny_args(config, tiny_stores, tmp_path),
             "--trainer.fast_dev_run",
             "true",
             "--trainer.accelerator",
@@ -306,11 +301,10 @@ def _fit(config: str, tiny_stores: Path, tmp_path: Path, *extra: str) -> object:
             "4",
             "--data.eval_batch_size",
             "2",
-            *smoke_args(config),
             *extra,
         ]
     )
-    return lightning_main(args)
+    return run_lightning(args)
 
 
 def test_distillation_fit(tiny_stores: Path, tmp_path: Path) -> None:

@@ -267,7 +267,9 @@ def test_laplace_regularisers_match_hand_computation() -> None:
         block.conv_spatial.weight.fill_(1.0)
         block.conv_temporal.weight.fill_(1.0)
     assert core.regularizer().item() == pytest.approx(10 * 20 / 9 + 0.01 * 22 / 3)
-    assert 150 < Factorized3dCore().regularizer().item() < 250  # ≈ 195 at init, as models.md §2 reports
+    assert (
+        150 < Factorized3dCore().regularizer().item() < 250
+    )  # ≈ 195 at init, as the original's reports (docs/models.md: Factorized baseline)
 
 
 def test_encoder_aligns_the_shifter_to_the_last_frames_and_needs_pupil_center() -> None:

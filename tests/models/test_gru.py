@@ -44,7 +44,8 @@ def small_core(**overrides: int | float | bool) -> CnnGruCore:
 
 def test_parameter_counts_match_the_original() -> None:
     core = CnnGruCore()
-    # Hermite coefficients 45·3·8 + 3 · 28·64·8, BatchNorm 4 · 16: the original's trainable core (models.md §1).
+    # Hermite coefficients 45·3·8 + 3 · 28·64·8, BatchNorm 4 · 16: the original's trainable core
+    # (docs/models.md: GRU baseline).
     assert count(core.cnn) == 1_080 + 3 * 14_336 + 64 == 44_152
     assert count(core.gru) == 6 * (64 * 64 * 81 + 64) == 1_991_040
     assert all(p.requires_grad for p in core.parameters())  # the basis and rotations are buffers, not parameters
@@ -57,7 +58,7 @@ def test_parameter_counts_match_the_original() -> None:
     assert count(encoder.readouts["m0"]) == 542_699  # 64·N features + 4·N σ + N bias + 152 grid MLP
     assert encoder.shifters is not None
     assert count(encoder.shifters["m0"]) == 57
-    # 2_035_192 + Σ (69·N + 152 + 57) over the 5 mice: "4.80 M" (models.md §1, §9).
+    # 2_035_192 + Σ (69·N + 152 + 57) over the 5 mice: "4.80 M" (docs/models.md: GRU baseline).
     assert count(encoder) == 4_798_583
     groups = encoder.parameter_groups()
     assert sum(p.numel() for p in groups["core"]) == 2_035_192

@@ -65,7 +65,7 @@ def make_inputs(batch: int = 2, frames: int = 8, seed: int = 1) -> tuple[torch.T
 
 # ------------------------------------------------------------------------------------------------ parameter counts
 def test_parameter_counts_match_the_original() -> None:
-    """Counts computed by building the original modules with config/neuroencoding.py (models.md §5)."""
+    """Counts computed by building the original modules with config/neuroencoding.py (docs/models.md: Dynamic-V1FM)."""
     core = Swin3dCore()
     assert count(core) == 2_273_488
     assert count(core.patch_embedding) + count(core.norm) == 2_464

@@ -1,4 +1,5 @@
-"""Rotation-equivariant 2D Hermite CNN + convolutional GRU: the core of the SENSORIUM 2023 GRU baseline (models.md §1).
+"""Rotation-equivariant 2D Hermite CNN + convolutional GRU: the core of the SENSORIUM 2023 GRU baseline
+(docs/models.md: GRU baseline).
 
 Port of neuralpredictors' ``RotationEquivariant2dCore`` (with ``HermiteConv2D`` and
 ``RotationEquivariantBatchNorm2D``) followed by its ``GRU_Module`` / ``ConvGRUCell``, as the 2023 benchmark notebook

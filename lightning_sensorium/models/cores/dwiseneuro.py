@@ -1,4 +1,5 @@
-"""DwiseNeuro core (SENSORIUM 2023, 1st place; models.md §4): a (2+1)D depthwise inverted-residual 3D CNN + "cortex".
+"""DwiseNeuro core (SENSORIUM 2023, 1st place; docs/models.md: DwiseNeuro): a (2+1)D depthwise inverted-residual
+3D CNN + "cortex".
 
 Port of ``DepthwiseCore``, the global spatial pool and ``Cortex`` of
 https://github.com/lRomul/sensorium/blob/main/src/models/dwiseneuro.py as configured by
@@ -74,7 +75,7 @@ class PositionalEncoding3d(nn.Module):
     channel blocks are ``[sin(t f), cos(t f) | sin(y f), cos(y f) | sin(x f), cos(x f)]`` (positions are the
     integer indices), truncated to ``C``. The table is cached per (shape, dtype, device) as a plain attribute,
     outside ``state_dict`` and ``buffers()``, so weight averaging never sees it. This is the only way spatial position
-    reaches the readout, which has no spatial part (models.md §4).
+    reaches the readout, which has no spatial part (docs/models.md: DwiseNeuro).
 
     Args:
         channels: ``C``, the input's channels.

@@ -1,4 +1,4 @@
-"""Factorized 3D core of the SENSORIUM 2023 factorized baseline (models.md §2).
+"""Factorized 3D core of the SENSORIUM 2023 factorized baseline (docs/models.md: Factorized baseline).
 
 Port of neuralpredictors' ``Factorized3dCore`` as the 2023 benchmark notebook configures it:
 https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/cores/conv3d.py

@@ -1,4 +1,4 @@
-"""3D shifted-window transformer core of Dynamic-V1FM, 2nd place in SENSORIUM 2023 (models.md §5).
+"""3D shifted-window transformer core of Dynamic-V1FM, 2nd place in SENSORIUM 2023 (docs/models.md: Dynamic-V1FM).
 
 Port of ``SwinCore`` with the submitted configuration (``config/neuroencoding.py``):
 https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/models/swin_core.py

@@ -1,4 +1,4 @@
-"""ViV1T core: a factorized video vision transformer (3rd place, SENSORIUM 2023; models.md §6).
+"""ViV1T core: a factorized video vision transformer (3rd place, SENSORIUM 2023; docs/models.md: ViV1T).
 
 Port of ``ViViTCore`` / ``ViViT`` of https://github.com/bryanlimy/ViV1T/blob/main/src/viv1t/model/core/vivit.py as
 its README command builds it (``--core=vivit --core_parallel_attention``, ``core_behavior_mode=2``,

@@ -1,4 +1,4 @@
-"""DwiseNeuro's per-mouse readout (models.md §4): channel dropout and a grouped 1×1 convolution over time.
+"""DwiseNeuro's per-mouse readout (docs/models.md: DwiseNeuro): channel dropout and a grouped 1×1 convolution over time.
 
 Port of ``Readout`` of https://github.com/lRomul/sensorium/blob/main/src/models/dwiseneuro.py without its
 ``Softplus(beta=0.07)`` gate, which is the Encoder's output activation here (``model.output_activation`` in

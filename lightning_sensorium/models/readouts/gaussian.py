@@ -1,7 +1,8 @@
 """Gaussian readout with a full covariance and positions predicted from cortical coordinates.
 
 Port of neuralpredictors' ``FullGaussian2d`` with a ``cortex`` grid-mean predictor, as the SENSORIUM 2023
-baselines configure it (``gauss_type='full'``, ``batch_sample=True``, ``align_corners=True``; models.md §1):
+baselines configure it (``gauss_type='full'``, ``batch_sample=True``, ``align_corners=True``; docs/models.md: GRU
+baseline):
 https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/readouts/gaussian.py
 https://github.com/ecker-lab/sensorium_2023/blob/main/notebooks/benchmarks_training.ipynb
 

@@ -1,5 +1,5 @@
 """Dynamic-V1FM's "hierarchical" Gaussian readout: a full-Gaussian readout fused with coarser readouts that share
-read positions among groups of neighbouring neuron *indices* (models.md §5).
+read positions among groups of neighbouring neuron *indices* (docs/models.md: Dynamic-V1FM).
 
 Port of ``FullGaussian2d`` of ``models/readouts_mean.py`` (mean fusion) and ``models/readouts_adaptive.py``
 (adaptive fusion), with the submitted configuration of ``config/neuroencoding.py``:

@@ -1,4 +1,4 @@
-"""ViV1T's Gaussian readout: the full-Gaussian readout plus a behaviour state encoder (models.md §6).
+"""ViV1T's Gaussian readout: the full-Gaussian readout plus a behaviour state encoder (docs/models.md: ViV1T).
 
 Port of ``Gaussian2DReadout`` of https://github.com/bryanlimy/ViV1T/blob/main/src/viv1t/model/readout/gaussian2d.py
 (``--readout=gaussian2d``, ``readout_grid_mode=1``, ``readout_bias_mode=2``, ``gaussian_type='full'``). Everything
