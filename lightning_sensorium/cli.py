@@ -172,7 +172,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     _add_model_data_args(p, "mice to predict (default: as trained)")
     p.add_argument("--out", required=True, type=Path, help="output zarr store (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--tiers", nargs="+", help="tiers to predict (default: the checkpoint's data.predict_tiers)")
+    p.add_argument("--tiers", nargs="+", help="tiers to predict (default: the checkpoint's data.infer_tiers)")
     p.add_argument("--max-trials", type=int, help="at most this many trials per mouse and tier")
     p.add_argument("--stimulus", type=Path, help="a video .npy (T, H, W) or a folder of them: predict these instead")
     p.add_argument("--mouse", help="with --stimulus: the mouse whose neurons to predict")
@@ -182,7 +182,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_infer(ns: argparse.Namespace) -> int:
-    from lightning_sensorium.prediction import predict_stimuli, predict_tiers
+    from lightning_sensorium.inference import infer_stimuli, infer_tiers
 
     if ns.out.exists() and not ns.overwrite:
         raise FileExistsError(f"--out {ns.out} exists; pass --overwrite to replace it")
@@ -190,7 +190,7 @@ def _run_infer(ns: argparse.Namespace) -> int:
     if ns.stimulus is not None:
         if ns.tiers or ns.max_trials:
             raise ValueError("--stimulus predicts user videos: --tiers and --max-trials do not apply")
-        out = predict_stimuli(
+        out = infer_stimuli(
             ns.ckpt_path,
             ns.stimulus,
             ns.out,
@@ -203,7 +203,7 @@ def _run_infer(ns: argparse.Namespace) -> int:
     else:
         if ns.mouse or ns.behavior or ns.pupil_center:
             raise ValueError("--mouse, --behavior and --pupil-center go with --stimulus (use --data.mice for tiers)")
-        out = predict_tiers(
+        out = infer_tiers(
             ns.ckpt_path, ns.out, tiers=ns.tiers, max_trials=ns.max_trials, overwrite=ns.overwrite, **common
         )
     print(out)
@@ -417,10 +417,16 @@ def main(args: Sequence[str] | None = None) -> Any:
         full = with_experiment_defaults(argv)
         if args is None and full != argv:
             sys.argv[1:] = full  # LightningCLI reads sys.argv itself from the console
-        # From the console pass None: giving LightningCLI sys.argv again only triggers a warning.
-        cli = run_lightning(None if args is None else full)
-        # Console scripts call sys.exit(main()): return None there, the CLI object to Python callers.
-        return cli if args is not None else None
+        if args is not None:
+            return run_lightning(full)  # Python callers get the CLI object (and any exception)
+        from lightning_sensorium.callbacks.memory import InsufficientMemoryError
+
+        try:
+            run_lightning(None)  # from the console: LightningCLI reads sys.argv (given again, it only warns)
+        except InsufficientMemoryError as err:  # raised before training: one line that says what to do instead
+            print(f"{PROG} {argv[0]}: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return None  # console scripts call sys.exit(main())
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not hasattr(ns, "handler"):

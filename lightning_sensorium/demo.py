@@ -21,14 +21,10 @@ DEMO_MICE = {"mice": 3, "neurons": 1000, "train_trials": 100, "clips_per_tier": 
 DEMO_CONFIG = "experiments/factorized.yaml"
 
 
-def cpu_recipe(config: str | Path) -> Path | None:
-    """The CPU-sized recipe of an experiment: ``<its folder>/cpu/<its name>``, or None where there is none."""
-    path = Path(config).parent / "cpu" / Path(config).name
-    return path if path.is_file() else None
-
-
 def recipe_args(config: str | Path, full_size: bool = False) -> list[str]:
     """``--config`` arguments of an experiment followed by its CPU recipe (unless ``full_size`` or it has none)."""
+    from lightning_sensorium.launch import cpu_recipe
+
     cpu = None if full_size else cpu_recipe(config)
     return ["--config", str(config), *(["--config", str(cpu)] if cpu else [])]
 
@@ -145,11 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.no_train:
         return 0
 
+    from lightning_sensorium.callbacks.memory import InsufficientMemoryError
     from lightning_sensorium.evaluate import evaluate, print_table, write_json, write_tensorboard
     from lightning_sensorium.launch import run_lightning, with_experiment_defaults
 
     args = fit_args(ns.config, stores, ns.minutes, ns.precision, full_size=ns.full_size)
-    cli = run_lightning(with_experiment_defaults([*args, *ns.overrides]))
+    try:
+        cli = run_lightning(with_experiment_defaults([*args, *ns.overrides]))
+    except InsufficientMemoryError as err:  # before training: say what to do instead, without a traceback
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     ckpt = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
     log_dir = Path(cli.trainer.logger.log_dir)
     results = evaluate(ckpt, data={"root": str(stores)}, tiers=DEMO_TIERS)

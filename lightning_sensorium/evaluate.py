@@ -69,7 +69,7 @@ def evaluate(
     Hidden (all-zero) test trials are never scored.
     """
     from lightning_sensorium.ensemble import load_ensemble
-    from lightning_sensorium.prediction import run_prediction
+    from lightning_sensorium.inference import run_predict_loop
 
     paths = [ckpt_path] if isinstance(ckpt_path, str | Path) else list(ckpt_path)
     if max_trials is not None and max_trials < 1:
@@ -99,7 +99,7 @@ def evaluate(
         return results
     scorer = TierScores(dm.stores, trials, skip_frames=model.skip_frames)
     loader = dm.trial_loader(list(trials), skip_hidden=True, max_trials=max_trials)
-    run_prediction(model, loader, [_scoring_writer(scorer)], accelerator=accelerator, progress=progress)
+    run_predict_loop(model, loader, [_scoring_writer(scorer)], accelerator=accelerator, progress=progress)
     results["tiers"] = scorer.compute()
     results["_vectors"] = scorer.vectors  # per-neuron values for figures; not written to JSON
     return results

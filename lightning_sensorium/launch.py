@@ -19,7 +19,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_sensorium.callbacks import ProgressBar
+from lightning_sensorium.callbacks import MemoryCheck, ProgressBar
 from lightning_sensorium.callbacks.progress import quiet_console
 from lightning_sensorium.data.datamodule import SensoriumDataModule
 from lightning_sensorium.module import SensoriumModule
@@ -31,6 +31,10 @@ DEFAULTS_FILE = "defaults.yaml"
 class SensoriumCLI(LightningCLI):
     """LightningCLI with the project's argument links (data-derived values flow once, data → model) and the project's
     progress bar where the configuration names none (``Epoch 14``, not ``Epoch 14/-2``, without an epoch cap)."""
+
+    def __init__(self, *args: Any, memory_hint: str | None = None, **kwargs: Any) -> None:
+        self.memory_hint = memory_hint  # given to MemoryCheck callbacks that have no hint of their own
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         for name in ("neurons", "dataset_sizes", "video_shape"):
@@ -44,7 +48,30 @@ class SensoriumCLI(LightningCLI):
         wanted = config.get("enable_progress_bar") is not False
         if wanted and not any(isinstance(c, LightningProgressBar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, ProgressBar()]
+        for callback in callbacks:
+            if isinstance(callback, MemoryCheck) and callback.hint is None:
+                callback.hint = self.memory_hint
         return super().instantiate_trainer(**kwargs)
+
+
+def cpu_recipe(config: str | Path) -> Path | None:
+    """The CPU-sized recipe of an experiment: ``<its folder>/cpu/<its name>``, or None where there is none."""
+    path = Path(config).parent / "cpu" / Path(config).name
+    return path if path.is_file() else None
+
+
+def memory_hint(configs: Sequence[str]) -> str | None:
+    """What to do when the experiment of ``configs`` (the ``--config`` files, in order) does not fit in memory:
+    its CPU recipe where it has one that is not applied yet; None otherwise (the generic advice)."""
+    applied = {Path(c).resolve() for c in configs}
+    for config in reversed(configs):
+        cpu = cpu_recipe(config)
+        if cpu is not None and cpu.resolve() not in applied:
+            return (
+                f"Train its CPU-sized recipe (add `--config {cpu}` after `--config {config}`), or lower "
+                "data.batch_size or data.frames, or use a device with more memory."
+            )
+    return None
 
 
 def run_lightning(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True) -> Any:
@@ -58,14 +85,17 @@ def run_lightning(args: Sequence[str] | dict[str, Any] | None = None, run: bool 
     # `set_parsing_settings`: https://jsonargparse.readthedocs.io/en/stable/#parsing-settings).
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     quiet_console()
+    argv = sys.argv[1:] if args is None else args if not isinstance(args, dict) else []
+    hint = memory_hint([path for _, _, path in config_options(list(argv))])
     with contextlib.nullcontext() if args is None else _bare_argv():
         return SensoriumCLI(
             SensoriumModule,
             SensoriumDataModule,
             parser_kwargs={"parser_mode": "omegaconf+"},
             save_config_kwargs={"overwrite": True},
-            args=list(args) if isinstance(args, Sequence) and not isinstance(args, str) else args,  # type: ignore[arg-type]
+            args=list(args) if isinstance(args, Sequence) and not isinstance(args, str) else args,
             run=run,
+            memory_hint=hint,
         )
 
 
@@ -93,6 +123,18 @@ def to_cli_args(values: dict[str, Any]) -> list[str]:
     return out
 
 
+def config_options(argv: Sequence[str]) -> list[tuple[int, int, str]]:
+    """The ``--config`` options of ``argv`` as ``(first index, index after it, path)``, in order
+    (``--config PATH``, ``-c PATH``, ``--config=PATH``)."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            found.append((i, i + 2, argv[i + 1]))
+        elif arg.startswith("--config="):
+            found.append((i, i + 1, arg.split("=", 1)[1]))
+    return found
+
+
 def with_experiment_defaults(argv: list[str]) -> list[str]:
     """Put ``defaults.yaml`` from the first ``--config``'s folder before it (shared trainer, logger, callbacks).
 
@@ -100,16 +142,11 @@ def with_experiment_defaults(argv: list[str]) -> list[str]:
     ``lightning fit --config experiments/viv1t.yaml`` read both, in that order. An explicit
     ``--config .../defaults.yaml`` anywhere disables it.
     """
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            path, head = argv[i + 1], argv[:i]
-            tail = argv[i + 2 :]
-        elif arg.startswith("--config="):
-            path, head, tail = arg.split("=", 1)[1], argv[:i], argv[i + 1 :]
-        else:
-            continue
-        defaults = Path(path).parent / DEFAULTS_FILE
-        if Path(path).name == DEFAULTS_FILE or not defaults.is_file() or any(DEFAULTS_FILE in a for a in argv):
-            return argv
-        return [*head, "--config", str(defaults), "--config", path, *tail]
-    return argv
+    options = config_options(argv)
+    if not options:
+        return argv
+    start, stop, path = options[0]
+    defaults = Path(path).parent / DEFAULTS_FILE
+    if Path(path).name == DEFAULTS_FILE or not defaults.is_file() or any(DEFAULTS_FILE in a for a in argv):
+        return argv
+    return [*argv[:start], "--config", str(defaults), "--config", path, *argv[stop:]]

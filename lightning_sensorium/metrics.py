@@ -1,22 +1,11 @@
 """The competition's metrics as torchmetrics, exact under DDP (sufficient statistics summed across ranks).
 
-* :class:`SingleTrialCorrelation` — the main metric: per neuron, Pearson correlation over every scored frame
-  (``skip_frames ≤ t < length``) of every trial pooled, ε = 1e-8 on the stds, NaN → 0
-  (https://github.com/ecker-lab/sensorium_2023/blob/main/sensorium/utility/scores.py,
-  https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/measures/np_functions.py ``corr``).
-* :class:`RepeatMetrics` — everything that needs repeats of a clip, from one set of per-(clip, frame, neuron) sums:
-  the "correlation to average" (repeat-averaged responses vs repeat-averaged predictions, pooled over clips and
-  frames), the leave-one-out oracle correlation (each trial vs the mean of the other repeats, in closed form),
-  and FEV / FEVE as the 2022 evaluation defines them
-  (https://github.com/sinzlab/sensorium/blob/main/sensorium/utility/metrics.py ``feve``, neuralpredictors ``fev``),
-  a "sample" (the 2022 "image") being a scored (clip, frame). One class, because all four share the sums.
-* :class:`MetricGroup` — the metrics of one group of trials (a tier of one mouse, or its trials of one stimulus type),
-  as training validation and ``evaluate``/``score`` keep them.
-* :func:`pooled_mean` — the official score: the mean over all neurons of all mice (neuron-weighted);
-  :func:`summarise` pools a tier's per-neuron vectors with it.
-
-Inputs: ``preds`` and ``target`` ``(B, N, T)``, ``lengths (B,)`` valid frames per trial, ``clip_index (B,)``
-dense clip numbers ``0 … num_clips - 1``. Frames at or beyond a trial's length are ignored (NaN there is fine).
+Ports https://github.com/ecker-lab/sensorium_2023/blob/main/sensorium/utility/scores.py, neuralpredictors' ``corr``
+and ``fev`` (https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/measures/np_functions.py) and
+the 2022 ``feve`` (https://github.com/sinzlab/sensorium/blob/main/sensorium/utility/metrics.py). Inputs: ``preds``,
+``target`` ``(B, N, T)``, ``lengths (B,)`` valid frames, ``clip_index (B,)`` dense clip numbers ``0 … num_clips - 1``;
+frames at or beyond a trial's length are ignored (NaN there is fine). Definitions: docs/evaluation.md, "`evaluate`",
+and docs/training.md, "Metrics and TensorBoard".
 """
 
 from __future__ import annotations
@@ -177,10 +166,11 @@ class SingleTrialCorrelation(_NeuronMetric):
 
 
 class RepeatMetrics(_NeuronMetric):
-    """Repeat-based metrics of one mouse and tier, from per-(clip, frame, neuron) sums.
+    """Repeat-based metrics of one mouse and tier, from per-(clip, frame, neuron) sums (one class: all four share them).
 
-    A *sample* is a scored (clip, frame): ``skip_frames ≤ t < max_frames`` and ``t`` below the length of at least
-    one repeat of the clip. Repeats of different lengths are fine: every frame averages the repeats that reach it.
+    A *sample* (the 2022 evaluation's "image") is a scored (clip, frame): ``skip_frames ≤ t < max_frames`` and ``t``
+    below the length of at least one repeat of the clip. Repeats of different lengths are fine: every frame averages
+    the repeats that reach it.
 
     ``compute()`` → dict:
 
@@ -320,6 +310,8 @@ def pooled_mean(per_neuron: Mapping[str, Tensor]) -> Tensor:
 
 class MetricGroup(nn.Module):
     """The metrics of one group of whole trials of one mouse (a tier, or its trials of one stimulus type).
+
+    Validation during training and ``evaluate``/``score`` keep their metrics in these groups.
 
     ``single`` is the single-trial correlation, ``repeat`` the :class:`RepeatMetrics`, ``ground_truth`` the
     correlation of the noiseless rates (synthetic mice) with the responses.

@@ -24,7 +24,7 @@ from lightning_sensorium.data.layout import SKIP_FRAMES
 from lightning_sensorium.data.normalization import response_precision
 from lightning_sensorium.data.store import MouseStore
 from lightning_sensorium.ensemble import load_ensemble
-from lightning_sensorium.prediction import run_prediction
+from lightning_sensorium.inference import run_predict_loop
 from lightning_sensorium.submission_format import (
     FILE_NAMES,
     SubmissionError,
@@ -219,7 +219,7 @@ def submit(
         )
     builder = SubmissionBuilder(out, mice, track=track, scale_by_precision=scale_by_precision)
     try:
-        run_prediction(
+        run_predict_loop(
             model,
             dm.trial_loader(list(tiers), skip_hidden=False),
             [_submission_writer(builder)],

@@ -1,16 +1,9 @@
 """The competition's submission file format: names, schema, reading and validation (``submit`` writes, ``score`` reads).
 
-One parquet file per test tier, brotli-compressed, one row per trial with the columns
-
-* ``mouse`` (string): the session folder name, i.e. the store's mouse id;
-* ``trial_indices`` (int64): the trial's file number ``i`` of ``data/*/i.npy``;
-* ``prediction`` (list<list<double>>): ``(n_neurons, n_frames)``, the frames ``50 … length - 1`` of the official
-  cut (``length`` ≤ 300, 249 frames for a natural trial of the release);
-* ``neuron_ids`` (list<uint32>): the store's ``unit_ids``, in the order of the prediction rows;
-
-exactly what the official ``df.to_parquet(compression="brotli", engine="pyarrow", index=False)`` of float32
-``.tolist()`` predictions writes (docs/evaluation.md, "Submit"; https://github.com/ecker-lab/sensorium_2023,
-``sensorium/utility/submission.py``).
+One brotli-compressed parquet file per test tier, one row per trial (columns: :func:`schema`), exactly what the
+official ``df.to_parquet(compression="brotli", engine="pyarrow", index=False)`` of float32 ``.tolist()``
+predictions writes (https://github.com/ecker-lab/sensorium_2023, ``sensorium/utility/submission.py``). File names,
+zips and checks: docs/evaluation.md, "Submit".
 """
 
 from __future__ import annotations
@@ -48,7 +41,14 @@ class SubmissionError(ValueError):
 
 
 def schema() -> Any:
-    """The Arrow schema pandas/pyarrow give the official DataFrame (see the module docstring)."""
+    """The Arrow schema pandas/pyarrow give the official DataFrame: one row per trial.
+
+    * ``mouse`` (string): the session folder name, i.e. the store's mouse id;
+    * ``trial_indices`` (int64): the trial's file number ``i`` of ``data/*/i.npy``;
+    * ``prediction`` (list<list<double>>): ``(n_neurons, n_frames)``, the frames ``50 … length - 1`` of the official
+      cut (``length`` ≤ 300, 249 frames for a natural trial of the release);
+    * ``neuron_ids`` (list<uint32>): the store's ``unit_ids``, in the order of the prediction rows.
+    """
     import pyarrow as pa
 
     return pa.schema(

@@ -1,24 +1,10 @@
 """`lightning-sensorium sweep`: Optuna hyper-parameter searches over an experiment config.
 
-A sweep file (``sweeps/<model>.yaml``) names the experiment it tunes, the search space as dotted paths into that
-experiment's config, the objective, and the sampler and pruner; every trial is one ``fit`` of the experiment with
-the trial's values as command-line overrides. The defaults reproduce the searches the competition teams ran:
-TPE + Hyperband (BOHB-like; ViV1T's "Hyperband Bayesian optimization", Table 3 of the retrospective paper), pruning
-on the validation single-trial correlation after every epoch through ``optuna_integration``'s Lightning callback.
-
-Design points (docs/sweeps.md, "Storage, several workers, DDP" and "Resume and failures"):
-
-* Storage is an Optuna RDB (SQLite file by default, PostgreSQL for workers on several machines). Every worker runs
-  the same command; the schema and the study are created under retries, so workers that start together do not race.
-* A trial whose worker dies (killed, preempted) stops sending heartbeats; the next worker to start a trial marks it
-  FAIL and queues a retry with the same parameters. A trial interrupted with Ctrl-C is marked FAIL and queued again
-  at once. A trial that raises is FAIL with the error in its ``error`` user attribute. No trial is ever lost.
-* ``n_trials`` is the study's budget, not one worker's: a worker stops when the study holds that many trials that
-  were not superseded by a retry (two workers finishing together may overshoot by one each).
-* DDP inside a trial needs ``ddp_spawn``/``ddp_fork``: ``strategy: ddp`` re-runs the sweep command in every rank,
-  and each rank would draw its own trial.
-
-Pattern of the objective: https://github.com/optuna/optuna-examples/blob/main/pytorch/pytorch_lightning_simple.py
+A sweep file (``sweeps/<model>.yaml``) names the experiment, the search space as dotted paths into its config, the
+objective, and the sampler and pruner; every trial is one ``fit`` with the trial's values as overrides. The
+defaults reproduce the competition teams' searches: TPE + Hyperband (ViV1T's "Hyperband Bayesian optimization").
+Pattern of the objective: https://github.com/optuna/optuna-examples/blob/main/pytorch/pytorch_lightning_simple.py.
+File format, storage, workers, DDP and failure handling: docs/sweeps.md.
 """
 
 from __future__ import annotations

@@ -148,3 +148,11 @@ def test_bench_loader(tiny_stores: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert 0 < result["s_per_batch"] < 10
     out = capsys.readouterr().out
     assert "ms / batch" in out and "3 batches × 2" in out and "code: " in out
+
+
+def test_bench_memory_measures_and_estimates(tiny_stores: Path) -> None:
+    """The benchmark's child measurement runs (its figure is only meaningful in a fresh process, as the script runs
+    it) and gives a positive estimate."""
+    bench = _script("bench_memory")
+    result = bench.measure("factorized", str(tiny_stores), 2, 24)
+    assert result["estimate_gib"] > 0 and result["measured_gib"] >= 0

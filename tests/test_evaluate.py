@@ -1,7 +1,7 @@
 """`evaluate` and ensembles: the ensemble recipe, averaged predictions, per-type breakdown, JSON/Markdown/TensorBoard.
 
 Two tiny factorized models are fitted once per session by the `ensemble` subcommand (seeds 0 and 1); the other
-test modules of this task (`test_submission.py`, `test_prediction.py`) reuse them through :func:`fitted`.
+test modules of this task (`test_submission.py`, `test_inference.py`) reuse them through :func:`fitted`.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from lightning_sensorium.demo import cpu_recipe, fit_args, resolve_precision
-from lightning_sensorium.launch import run_lightning, with_experiment_defaults
+from lightning_sensorium.demo import fit_args, resolve_precision
+from lightning_sensorium.launch import cpu_recipe, memory_hint, run_lightning, with_experiment_defaults
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 CONFIGS = sorted(p.name for p in EXPERIMENTS.glob("*.yaml") if p.name != "defaults.yaml")
@@ -54,6 +54,14 @@ def test_every_trainable_experiment_has_a_cpu_recipe() -> None:
     assert set(CPU_CONFIGS) == set(CONFIGS) - {"dwiseneuro_distill.yaml"}
     assert cpu_recipe(EXPERIMENTS / "factorized.yaml") == EXPERIMENTS / "cpu" / "factorized.yaml"
     assert cpu_recipe(EXPERIMENTS / "dwiseneuro_distill.yaml") is None
+
+
+def test_the_memory_hint_names_the_experiments_own_cpu_recipe() -> None:
+    viv1t, cpu = str(EXPERIMENTS / "viv1t.yaml"), str(EXPERIMENTS / "cpu" / "viv1t.yaml")
+    hint = memory_hint([str(EXPERIMENTS / "defaults.yaml"), viv1t])
+    assert hint is not None and f"--config {cpu}` after `--config {viv1t}`" in hint
+    assert memory_hint([viv1t, cpu]) is None  # applied already: the generic advice
+    assert memory_hint([str(EXPERIMENTS / "dwiseneuro_distill.yaml")]) is None
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

@@ -52,7 +52,7 @@ def test_the_tree_keeps_its_layers() -> None:
         # Function-local imports count too.
         ("models/layers.py", "def _f():\n    from lightning_sensorium.evaluate import evaluate", "layers"),
         # Two workflows importing each other: allowed by the layers, refused as a cycle.
-        ("ensemble.py", "from lightning_sensorium import prediction", "cycles"),
+        ("ensemble.py", "from lightning_sensorium import inference", "cycles"),
     ],
 )
 def test_an_upward_import_breaks_the_layers(tree: Path, module: str, line: str, broken: str) -> None:

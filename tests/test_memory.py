@@ -90,6 +90,7 @@ def test_a_fit_that_cannot_fit_stops_before_its_first_step(
     assert "GiB to train at batch size 2" in message and "activations" in message
     assert "experiments/cpu/" in message and "data.batch_size" in message
     assert not list(tmp_path.rglob("*.ckpt"))  # stopped before any step
+    assert "precision 32-true" in message
 
 
 def test_a_fit_that_fits_runs_and_keeps_its_estimate(tiny_stores: Path, tmp_path: Path) -> None:
@@ -97,6 +98,18 @@ def test_a_fit_that_fits_runs_and_keeps_its_estimate(tiny_stores: Path, tmp_path
     assert cli.trainer.global_step == 2
     check = next(c for c in cli.trainer.callbacks if isinstance(c, MemoryCheck))
     assert check.estimate is not None and 0 < check.estimate.activations < check.estimate.total
+    assert check.estimate.optimizer == 2 * check.estimate.gradients > 0  # AdamW: two states per parameter
+
+
+def test_the_example_batch_has_the_training_shapes_and_no_data(tiny_stores: Path, tmp_path: Path) -> None:
+    cli = run_lightning(with_experiment_defaults(tiny_args("factorized.yaml", tiny_stores, tmp_path)), run=False)
+    dm = cli.datamodule
+    dm.setup("fit")
+    real = next(iter(dm.train_dataloader()))
+    example = dm.example_batch()
+    for key in ("video", "behavior", "pupil_center"):
+        assert example[key].shape == real[key].shape and example[key].device.type == "meta"
+    assert isinstance(example["mouse_id"], str)
 
 
 def test_headroom_must_be_a_fraction() -> None:

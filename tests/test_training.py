@@ -12,8 +12,8 @@ import torch
 from lightning_sensorium.cli import main
 from lightning_sensorium.data.datamodule import SensoriumDataModule
 from lightning_sensorium.data.normalization import Normalizer, over_time, response_precision
+from lightning_sensorium.inference import Stimulus, StimulusInputs
 from lightning_sensorium.launch import run_lightning, with_experiment_defaults
-from lightning_sensorium.prediction import Stimulus, StimulusInputs
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 #: Shrinks any experiment to seconds on CPU: tiny core, short windows, few batches.

@@ -1,22 +1,8 @@
-"""CutMix for video + responses, as DwiseNeuro trains (``alpha=1``, ``prob=0.5``).
+"""CutMix for video + responses, as DwiseNeuro trains (``alpha=1``, ``prob=0.5``), for any model.
 
-Idea from https://github.com/lRomul/sensorium/blob/master/src/mixers.py (``CutMix``, ``rand_bbox``): for a sample
-chosen with probability ``prob``, draw ``lam ~ Beta(alpha, alpha)``, paste a box of side ``sqrt(lam)`` × the frame's
-from a partner sample of the same mouse into every frame and channel, and mix the targets with the area fraction the
-box actually covers after clipping to the frame. Differences from the original, on purpose:
-
-* Height and width are drawn on their own axes. The original's ``rand_bbox`` returns x-extents (drawn over the width)
-  that are sliced on the height axis, harmless for its 64×64 padded input and wrong for 36×64 frames.
-* The box is cut from the 36×64 frame. The original pastes it into its 64×64 zero-padded input whose channels 1–4 are
-  behaviour/pupil planes, so those got mixed by area. Here behaviour and pupil centre are vectors, mixed by the same
-  area fraction (``mix_behavior=True``, the closest equivalent: a globally pooled core sees the area-weighted mean of
-  those planes) or kept from the sample itself (``mix_behavior=False``). A core that paints them as image channels
-  then paints the mixed values over the whole frame.
-* Partners are other samples of the same mouse in the same batch (the original draws another random window of the
-  dataset). A sample whose mouse has no other sample in the batch is left alone. Under DDP partners come from the
-  rank's own micro-batch.
-* Draws come from a generator seeded from ``(seed, global_step, batch_idx, rank)``, not the global RNG and not the
-  clock (the original seeds from ``time.time()``), so runs repeat exactly and resume consistently.
+Ported from https://github.com/lRomul/sensorium/blob/master/src/mixers.py (``CutMix``, ``rand_bbox``) to 36×64
+frames, per-mouse partners and seeded draws. What it mixes, and each difference from the original:
+docs/training.md, "CutMix".
 """
 
 from __future__ import annotations

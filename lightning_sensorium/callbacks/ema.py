@@ -1,23 +1,9 @@
 """Exponential moving average of the weights (EMA), as DwiseNeuro trains (decay 0.999, every step, BN buffers too).
 
-The original is timm's ``ModelEmaV2`` (https://github.com/lRomul/sensorium/blob/master/src/ema.py): a copy of the
-whole ``state_dict`` made when the model is built, blended after every optimizer step, used for validation and saved
-as the checkpoint. This callback is Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging` with four
-changes (docs/training.md):
-
-* the blend is a module-level class, not a closure, so the callback pickles (``ddp_spawn``);
-* the copy is built in ``on_fit_start``, after the strategy has moved and cast the module (right device and dtype,
-  ``bf16-true`` works) instead of in ``setup`` (still on CPU, float32), and it copies only the weights and buffers
-  (:func:`tensor_skeleton`), not everything the LightningModule refers to;
-* a resumed checkpoint restores both copies although the copy does not exist yet when Lightning restores it;
-* under multi-process training every rank's averaged buffers are made rank 0's after each update, as DDP's own
-  ``broadcast_buffers`` does for the raw model, so all ranks hold identical averages.
-
-Use Lightning's ``EMAWeightAveraging`` instead for a plain LightningModule outside this project's CLI, in one
-process, at ``32``/``*-mixed`` precision, when you want the upstream-maintained callback or its
-``update_starting_at_epoch``. With ``SensoriumModule`` under LightningCLI it runs (one process, checked) but
-deep-copies the CLI, Trainer and datamodule that the optimizer factory refers to; it fails under ``ddp_spawn``
-(closure) and ``bf16-true``; and its average starts at the weights after the first step, not the initial ones.
+A Lightning :class:`~lightning.pytorch.callbacks.WeightAveraging` that behaves like the original's timm
+``ModelEmaV2`` (https://github.com/lRomul/sensorium/blob/master/src/ema.py) and, unlike Lightning's own
+``EMAWeightAveraging``, works with this project's CLI, ``ddp_spawn``, ``bf16-true`` and resumed fits. Its four
+changes and when to use the built-in instead: docs/training.md, "EMA".
 """
 
 from __future__ import annotations

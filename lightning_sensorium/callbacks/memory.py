@@ -1,8 +1,8 @@
 """Pre-flight memory check: estimate a fit's peak memory before the first step and stop early if it cannot fit.
 
 Without it, a full-size recipe on a machine too small for it (e.g. ``experiments/viv1t.yaml`` on a 24 GiB CPU
-machine) is killed by the kernel minutes into training without a word. The estimate allocates nothing: the
-encoder's forward runs once on the ``meta`` device (shapes only) with one real training batch's shapes, and every
+machine) is killed by the kernel minutes into training without a word. The estimate allocates nothing and reads no
+data: the encoder's forward runs once on the ``meta`` device (shapes only) with a training batch's shapes, and every
 tensor autograd saves for the backward pass is counted.
 """
 
@@ -24,6 +24,13 @@ from torch.func import functional_call
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+
+
+#: What :class:`MemoryCheck` suggests when it knows nothing of the experiment's files.
+DEFAULT_HINT = (
+    "Train the CPU-sized recipe of the experiment (a second --config after it: experiments/cpu/<model>.yaml), "
+    "or lower data.batch_size or data.frames, or use a device with more memory."
+)
 
 
 class InsufficientMemoryError(MemoryError):
@@ -52,7 +59,12 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         parts = ("weights", "gradients", "optimizer", "activations")
-        return ", ".join(f"{p} {getattr(self, p) / GIB:.1f}" for p in parts) + " GiB"
+        return ", ".join(f"{p} {_size(getattr(self, p))}" for p in parts)
+
+
+def _size(n: int) -> str:
+    """Bytes as GiB from 1 GiB on, else MiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
 def _to_meta(x: Any) -> Any:
@@ -182,36 +194,31 @@ def available_bytes(device: torch.device) -> int | None:
 class MemoryCheck(L.Callback):
     """Before the first training step, estimates the fit's peak memory and stops with a clear message if the device
     cannot hold it (the memory needed, what it is made of, and what to change), instead of an out-of-memory kill
-    minutes later. The estimate takes about a second (one forward pass on the meta device) and runs once per fit.
+    minutes later. The estimate takes about a second (one forward pass on the meta device with the shapes of
+    ``datamodule.example_batch()``) and runs once per fit, before the sanity check.
 
     Args:
         headroom: the fraction of the free memory the step may use (the rest: the data loader, the allocator's
             fragmentation, the evaluation batches).
-        hint: what to suggest when the fit does not fit (the default names the CPU recipes of ``experiments/cpu/``).
+        hint: what to suggest when the fit does not fit; None: :data:`DEFAULT_HINT` (the CLI names the experiment's
+            own CPU recipe here).
     """
 
     def __init__(self, headroom: float = 0.9, hint: str | None = None) -> None:
         if not 0 < headroom <= 1:
             raise ValueError(f"MemoryCheck headroom={headroom}: expected a fraction in (0, 1]")
         self.headroom = headroom
-        self.hint = hint or (
-            "Train the CPU-sized recipe of the experiment (a second --config after it: experiments/cpu/<model>.yaml, "
-            "e.g. `lightning-sensorium fit --config experiments/viv1t.yaml --config experiments/cpu/viv1t.yaml`), "
-            "or lower data.batch_size or data.frames, or use a device with more memory."
-        )
+        self.hint = hint
         self.estimate: MemoryEstimate | None = None
-        self._checked = False
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._checked:
-            return
-        self._checked = True
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Runs before the sanity check and the first step; needs a datamodule with ``example_batch()``."""
         encoder = getattr(pl_module, "encoder", None)
+        example = getattr(getattr(trainer, "datamodule", None), "example_batch", None)
         free = available_bytes(pl_module.device)
-        if encoder is None or free is None:
+        if encoder is None or example is None or free is None:
             return
+        batch = example()
         states = max((len(_state_kinds(opt)) for opt in trainer.optimizers), default=0)
         callbacks: list[L.Callback] = getattr(trainer, "callbacks", [])
         copies = 1 + sum(type(cb).__name__ == "EMA" for cb in callbacks)
@@ -232,7 +239,7 @@ class MemoryCheck(L.Callback):
             raise InsufficientMemoryError(
                 f"this fit needs about {estimate.total / GIB:.1f} GiB to train at batch size {_batch_size(batch)} "
                 f"({estimate.describe()}; precision {precision}), {more / GIB:.1f} GiB more than it holds now, but the "
-                f"{pl_module.device.type} has {free / GIB:.1f} GiB free. {self.hint}"
+                f"{pl_module.device.type} has {free / GIB:.1f} GiB free. {self.hint or DEFAULT_HINT}"
             )
 
 

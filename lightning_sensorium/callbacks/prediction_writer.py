@@ -1,24 +1,9 @@
 """ZarrPredictionWriter: streams ``predict`` outputs into a zarr store, batch by batch, atomically.
 
-Layout of ``<out>`` (zarr v3), one group per mouse::
-
-    <out>/<mouse_id>/prediction     (trial, frame, neuron) float32, NaN where nothing was predicted
-                                    (the core's leading frames, frames past a trial's length)
-    <out>/<mouse_id>/trial          (trial,) int64  store row (``MouseStore`` trial number) or stimulus number
-    <out>/<mouse_id>/trial_index    (trial,) int64  file number i of the release's i.npy (tiers only)
-    <out>/<mouse_id>/tier           (trial,) int8   code; names in attrs ``flag_meanings`` (tiers only)
-    <out>/<mouse_id>/length         (trial,) int32  valid frames
-    <out>/<mouse_id>/unit_ids       (neuron,)       the store's unit ids, the order of the last axis
-
-Rows are in store order (not batch order). Everything goes to a temporary store beside ``out`` that is renamed to
-``out`` when the last batch is written, so ``out`` is either complete or absent. Memory is one batch.
-
-From YAML or the command line (``lightning predict --config ... --ckpt_path ... --return_predictions false``)::
-
-    trainer:
-      callbacks+:
-        - class_path: lightning_sensorium.callbacks.prediction_writer.ZarrPredictionWriter
-          init_args: {out: preds.zarr}
+One group per mouse, rows in store order; the store is written under a temporary name and renamed when complete, so
+it is either complete or absent, and memory stays at one batch. ``BatchSink`` hands batches to a function instead
+(``evaluate``, ``submit``). The store's layout and the YAML to use it from ``lightning predict``:
+docs/evaluation.md, "Predict (`infer`)".
 """
 
 from __future__ import annotations
@@ -100,12 +85,12 @@ def tier_layouts(dm: Any, tiers: Sequence[str], max_trials: int | None = None) -
 
 
 class ZarrPredictionWriter(BasePredictionWriter):
-    """Writes every predicted batch into a zarr store (see module docstring for the layout).
+    """Writes every predicted batch into a zarr store (layout: docs/evaluation.md, "Predict (`infer`)").
 
     Args:
         out: the output store path (``.zarr``).
         overwrite: replace an existing ``out`` (otherwise an existing one is an error, raised before predicting).
-        tiers: tiers to lay out when the layout comes from the datamodule (default: its ``predict_tiers``).
+        tiers: tiers to lay out when the layout comes from the datamodule (default: its ``infer_tiers``).
         layouts: explicit per-mouse layouts (user stimuli); default: built from the trainer's datamodule.
         attrs: extra root attributes (e.g. the checkpoints).
     """
@@ -144,7 +129,7 @@ class ZarrPredictionWriter(BasePredictionWriter):
             dm = getattr(trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "selected_trials"):
                 raise RuntimeError("ZarrPredictionWriter needs a SensoriumDataModule (or explicit layouts)")
-            self.layouts = tier_layouts(dm, self.tiers or dm.predict_tiers)
+            self.layouts = tier_layouts(dm, self.tiers or dm.infer_tiers)
         self._open(self.layouts)
 
     def _open(self, layouts: Sequence[PredictionLayout]) -> None:

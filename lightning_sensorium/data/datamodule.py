@@ -171,7 +171,7 @@ class SensoriumDataModule(L.LightningDataModule):
         train_tiers: tiers whose trials are sampled for training.
         val_tiers: tiers evaluated during validation (the official validation tier is ``oracle``).
         test_tiers: tiers evaluated by ``test`` / ``evaluate`` (hidden tiers are skipped).
-        predict_tiers: tiers predicted by ``predict``.
+        infer_tiers: tiers predicted by ``predict``.
         frames: frames per training window.
         frame_step: take every ``frame_step``-th frame of the window (DwiseNeuro uses 2).
         batch_size: training windows per batch.
@@ -205,7 +205,7 @@ class SensoriumDataModule(L.LightningDataModule):
         train_tiers: list[str] | None = None,
         val_tiers: list[str] | None = None,
         test_tiers: list[str] | None = None,
-        predict_tiers: list[str] | None = None,
+        infer_tiers: list[str] | None = None,
         frames: int = 80,
         frame_step: int = 1,
         batch_size: int = 8,
@@ -226,12 +226,12 @@ class SensoriumDataModule(L.LightningDataModule):
         self.train_tiers = list(train_tiers or ["train"])
         self.val_tiers = list(val_tiers or ["oracle"])
         self.test_tiers = list(test_tiers or ["oracle", "live_test_main", "final_test_main"])
-        self.predict_tiers = list(predict_tiers or ["final_test_main"])
+        self.infer_tiers = list(infer_tiers or ["final_test_main"])
         for name, tiers in [
             ("train_tiers", self.train_tiers),
             ("val_tiers", self.val_tiers),
             ("test_tiers", self.test_tiers),
-            ("predict_tiers", self.predict_tiers),
+            ("infer_tiers", self.infer_tiers),
         ]:
             unknown = [t for t in tiers if t not in TIERS]
             if unknown:
@@ -400,6 +400,23 @@ class SensoriumDataModule(L.LightningDataModule):
                 batch["response_scale"] = [pad(s["response_scale"]) for s in samples]  # B × (N_mouse, T)
         return batch
 
+    def example_batch(self, device: str | torch.device = "meta") -> Batch:
+        """A training batch's model inputs with their shapes and no data (``device="meta"``: nothing allocated), for
+        estimates made before anything is read: ``video (B, 1, T, H, W)``, ``behavior`` and ``pupil_center``
+        ``(B, 2, T)``, and the mouse with the most neurons (``mixed`` batches: every mouse, in turn)."""
+        b, t = self.batch_size, self.frames
+        h, w = self.video_shape
+        largest = max(self.mouse_ids, key=lambda m: self.stores[m].num_neurons)
+        mice: str | list[str] = (
+            largest if self.batch_mode == "per_mouse" else [self.mouse_ids[i % len(self.mouse_ids)] for i in range(b)]
+        )
+        return {
+            "mouse_id": mice,
+            "video": torch.empty(b, 1, t, h, w, device=device),  # (B, 1, T, H, W)
+            "behavior": torch.empty(b, 2, t, device=device),  # (B, 2, T)
+            "pupil_center": torch.empty(b, 2, t, device=device),  # (B, 2, T)
+        }
+
     # ------------------------------------------------------------------------------------------------ loaders
     def _epoch_batches(self) -> int:
         per_mouse = [self.samples_per_epoch or len(t) for t in self._train_trials.values()]
@@ -439,4 +456,4 @@ class SensoriumDataModule(L.LightningDataModule):
         return self._eval_loader(self.test_tiers)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.predict_tiers, skip_hidden=False)
+        return self._eval_loader(self.infer_tiers, skip_hidden=False)

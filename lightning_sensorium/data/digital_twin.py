@@ -1,41 +1,9 @@
 """Ground-truth neurons of the synthetic digital-twin mice.
 
-The model of one mouse (all parameters drawn from the mouse's seed, saved beside the data):
-
-1. **Feature bank**, computed once per unique clip and shared by all neurons and all repeats of the clip. The
-   movie is z-scored, block-averaged to half resolution (18×32) and filtered in time at 30 Hz by a causal
-   monophasic *sustained* kernel peaking at a 3-frame (100 ms) latency, read out at 15 Hz (the model's time step,
-   2 frames). It is then filtered in space by 8 complex Gabor filters (4 orientations × 2 spatial frequencies,
-   wavelengths 10 and 18 px at full resolution, σ = 0.45 λ), separable filters applied as two banded (Toeplitz)
-   matrix products. A biphasic *transient* copy of every channel is the sustained response minus itself 133 ms
-   later. Result: 16 quadrature pairs ``even + i·odd`` per pixel and step (2 temporal kernels × 4 × 2), ~20 ms
-   per 300-frame clip.
-2. **Receptive fields** are laid out retinotopically: a smooth map (random rotation, anisotropic scale, a gentle
-   sinusoidal warp) from cortical ``(x, y)`` to the visual field, plus scatter, so RF position is predictable from
-   ``cell_motor_coordinates`` as the Gaussian readouts assume. Each neuron reads one quadrature pair at its RF
-   centre; orientation (4), spatial frequency (2) and temporal kernel are random per neuron (salt and pepper).
-3. **Cell types** form a continuum: ``drive = a·2·[cos φ·e + sin φ·o]₊ + (1 − a)·((1 − b)·√(e² + o²) + b·M)``
-   with a *simple index* ``a`` (rectified linear cell of phase φ), a complex (energy) part, and an Adelson–Bergen
-   motion energy ``M = ½·√((e(t) − δ·o(t−1))² + (o(t) + δ·e(t−1))²)`` whose one-step (67 ms) delay makes it
-   prefer one direction ``δ`` of motion orthogonal to the orientation (direction index ``b``).
-4. **Gaze**: each frame, every RF centre moves with the pupil centre (``gaze_gain`` half-resolution px per camera
-   px from the mouse's resting eye position), so the same clip drives a neuron differently on every repeat.
-5. **Divisive normalisation**: the drive is divided by ``σ + w·P`` where ``P`` is the root of the contrast
-   energy of the 8 sustained channels blurred over a large neighbourhood (Gaussian σ = 12 px at full
-   resolution) mixed 1:1 with its mean over the whole frame — context far outside the RF matters.
-6. **Output nonlinearity and behaviour**: ``rate = μ·g(t)·(β + (1 − β)·d^p / m)`` with an expansive exponent
-   ``p ∈ [1.3, 2.2]``, a baseline fraction β, ``m`` the calibrated mean of ``d^p`` on natural movies, μ the
-   neuron's target mean, and a multiplicative gain ``g = exp(w_run·run + w_pupil·pupil)`` from the running speed
-   and the pupil size (standardised per mouse) with per-neuron weights (mostly positive for running).
-7. **Calcium-like observation**: the 15 Hz rate drives a causal exponential calcium kernel (τ = 0.3 s), which is
-   sampled at 8 Hz with a random scan phase per trial. The samples get trial-to-trial noise — a compound Poisson
-   process (Poisson event counts with per-neuron mean amplitude, gamma-distributed sizes) whose mean equals the
-   sample — so the traces are sparse and heavy-tailed like deconvolved activity (median 0, many zeros). Samples
-   are linearly interpolated back to 30 Hz. The **noiseless rates** are the same pipeline without the noise:
-   the expectation of the responses given stimulus and behaviour, i.e. the best any model can predict.
-
-References: motion energy, Adelson & Bergen 1985 (https://doi.org/10.1364/JOSAA.2.000284); divisive
-normalisation, Carandini & Heeger 2012 (https://doi.org/10.1038/nrn3136).
+A known generator of responses (Gabor feature bank, retinotopic receptive fields moved by gaze, simple / complex /
+motion-energy cells, divisive normalisation, behaviour gain, calcium-like observation), so a model can be scored
+against the noiseless rates, the best any model can predict. The model step by step, with its formulas and
+references: docs/data.md, "Synthetic digital-twin mice (`synth`)".
 """
 
 from __future__ import annotations

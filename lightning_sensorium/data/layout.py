@@ -1,23 +1,9 @@
 """The one vocabulary of the data layer: release layout, tiers, stimulus types, store array names.
 
-Official release (one folder per session, time LAST, NaN padding to the mouse's longest trial ``T_pad``)::
-
-    <session>/data/videos/<i>.npy        (H=36, W=64, T_pad)  grey levels 0..255
-    <session>/data/responses/<i>.npy     (N, T_pad)           deconvolved calcium activity
-    <session>/data/behavior/<i>.npy      (2, T_pad)           [pupil size, running speed]; never NaN
-    <session>/data/pupil_center/<i>.npy  (2, T_pad)           [x, y] camera pixels
-    <session>/meta/trials/tiers.npy      (n_trials,) str      row i <-> file i.npy
-    <session>/meta/neurons/unit_ids.npy  (N,) int
-    <session>/meta/neurons/cell_motor_coordinates.npy  (N, 3) int microns
-    <session>/meta/statistics/<key>/all/{mean,std,min,max,median}.npy   per-frame statistics
-
-Synthetic mice also get ground truth *beside* the session folders (never inside them)::
-
-    <root>/ground_truth/<session>/rates/<i>.npy      (N, T_pad) float32 noiseless rates, NaN-padded like responses
-    <root>/ground_truth/<session>/clip_ids.npy       (n_trials,) int64: trials with identical pixels share an id
-    <root>/ground_truth/<session>/stimulus_types.npy (n_trials,) str: one of STIMULUS_TYPES
-
-Zarr store (one per mouse, ``<out>/<mouse_id>.zarr``, time FIRST; see docs/data.md, "Store contract").
+It exists so that the release's paths, the tier and stimulus-type codes and the store's array names are spelled in
+one place. The layouts they name: docs/data.md, "The official release layout (input of `convert`)" (time last,
+NaN-padded), "Synthetic digital-twin mice (`synth`)" (the ground truth beside the mice) and "Store contract" (one
+zarr store per mouse, time first).
 """
 
 from __future__ import annotations

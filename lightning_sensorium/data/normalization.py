@@ -1,28 +1,10 @@
 """Input/target normalisation applied at read time, by absolute frame index.
 
-``official`` is neuralpredictors' ``NeuroNormalizer`` as the 2023 starter kit applies it with the per-frame
-statistics of the release (https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/data/transforms.py):
-
-* videos: ``(x - mean_v[t]) / std_v[t]`` per pixel and frame;
-* responses: ``x * precision[t, n]`` with ``precision = 1/s`` where ``s > 0.01 * nanmean(s)`` else ``1 / (0.01 *
-  nanmean(s))``, ``s = std_r[t, n]`` — no centring; this is the scale the competition scores;
-* behaviour: ``x / std_b[t]`` (no centring, no threshold in the original; we floor std at a tiny value so a
-  constant channel gives 0, not inf);
-* pupil centre: ``(x - mean_p[t]) / std_p[t]``.
-
-The per-frame statistics come from a finite number of train trials, so ``precision[t, n]`` jitters from frame to
-frame, and the official targets carry that gain, which no stimulus explains. :meth:`Normalizer.response_scale`
-gives it relative to each neuron's mean (``data.response_scale``: the module trains on the targets divided by it
-and multiplies its predictions by it).
-
-The same finite number of trials makes the per-frame *input* statistics jitter too: on the demo mice the per-pixel
-video mean departs from its time average by ~0.09 pixel standard deviations and the per-frame standard deviations
-by ~9 % (the pupil centre's by ~10 %), a fixed "ghost" indexed by frame that every trial is seen through.
-``input_statistics="time_averaged"`` normalises videos, behaviour and pupil centre with each pixel's or signal's
-statistics over all frames of the train trials instead (pooled from the per-frame ones); the responses keep the
-official per-frame scale.
-
-``raw`` leaves everything as recorded (DwiseNeuro trains on raw grey levels and ReLU'd raw responses).
+``official`` is neuralpredictors' ``NeuroNormalizer`` as the 2023 starter kit applies it with the release's
+per-frame statistics (https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/data/transforms.py),
+the scale the competition scores; ``raw`` leaves the data as recorded (DwiseNeuro). Also here: the per-frame
+response scale and time-averaged input statistics, which remove the jitter of statistics taken over few trials.
+Formulas and measurements: docs/training.md, "The data module: `SensoriumDataModule`".
 """
 
 from __future__ import annotations
@@ -68,7 +50,9 @@ def response_precision(std: np.ndarray, dtype: npt.DTypeLike = np.float32) -> np
 
 
 class Normalizer:
-    """Normalises raw time-first arrays of one mouse (see module docstring).
+    """Normalises raw time-first arrays of one mouse.
+
+    Formulas: docs/training.md, "The data module: `SensoriumDataModule`".
 
     Args:
         store: the mouse.

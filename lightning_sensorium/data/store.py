@@ -1,16 +1,9 @@
 """MouseStore: read access to one converted mouse (``<mouse_id>.zarr``), local or behind an fsspec URL.
 
-Opening is cheap — the attributes and the small per-trial arrays (lengths, tiers, clip ids, stimulus types, hidden
-flags, behaviour, pupil centre), which are then kept in memory — because the datamodule opens every store in
-``__init__`` to give the model its neuron information. The big arrays (``videos``, ``responses``, ground-truth
-``rates``) are opened lazily in each process: only the path is pickled, and handles made before a fork are not
-reused after it, so a store can go into DataLoader workers (fork or spawn).
-
-Fast path: the converter stores the big arrays uncompressed, one chunk per trial, time first. Such a chunk is the
-array's bytes in C order at ``<name>/c/<trial>/0/0[/0]`` (zarr v3 default chunk keys), so frames ``[start, stop)``
-of a trial are one contiguous byte range: one positioned read (local files, with a read-ahead hint) or one HTTP
-range request (fsspec URLs), nothing decoded, nothing else of the trial touched. Any other layout is read through
-zarr.
+Cheap to open and safe to hand to DataLoader workers. A frame window of an uncompressed one-chunk-per-trial array
+(what ``convert`` writes) is one contiguous byte range, read with one positioned read or HTTP range request instead
+of zarr's per-chunk machinery; any other layout is read through zarr. The layout it reads: docs/data.md, "Store
+contract".
 """
 
 from __future__ import annotations
@@ -45,6 +38,12 @@ def is_url(path: str | Path) -> bool:
 
 class MouseStore:
     """One mouse's zarr store, read-only.
+
+    Opening is cheap — the attributes and the small per-trial arrays (lengths, tiers, clip ids, stimulus types, hidden
+    flags, behaviour, pupil centre), which are then kept in memory — because the datamodule opens every store in
+    ``__init__`` to give the model its neuron information. The big arrays (``videos``, ``responses``, ground-truth
+    ``rates``) are opened lazily in each process: only the path is pickled, and handles made before a fork are not
+    reused after it, so a store can go into DataLoader workers (fork or spawn).
 
     Args:
         path_or_url: the store folder, or a URL such as ``http://host/stores/<mouse_id>.zarr`` (any fsspec protocol).

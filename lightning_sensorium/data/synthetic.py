@@ -1,20 +1,10 @@
 """Synthetic digital-twin mice written in the exact official SENSORIUM 2023 release layout.
 
-``synthesize(out_dir, ...)`` writes one folder per mouse exactly as the release does (see
-:mod:`lightning_sensorium.data.layout`): time last, float32, NaN padding to the mouse's longest trial, shuffled
-file order, all six tiers, per-frame statistics over the train trials, and the partially NaN last frame that makes
-natural trials 299 frames long through the official loader. The generator's ground truth goes *beside* the mice in
-``out_dir/ground_truth/<session>/`` (noiseless rates, clip ids, stimulus types, neuron parameters). Stimuli and
-behaviour come from :mod:`.stimuli`, neurons from :mod:`.digital_twin`.
-
-Streaming: a mouse is cut into a few shards of clips; each shard renders a clip, computes its feature bank once,
-generates all repeats of it (own behaviour and noise each), writes each to its shuffled file number and adds the
-train trials to NaN-aware running sums. Memory is one clip plus the sums, whatever the number of trials. Shards run
-in worker processes; every trial draws from its own seed and shards are merged in a fixed order, so the bytes do
-not depend on the number of workers. The per-frame **median** is the only statistic not streamed: it is computed
-at the end from a bounded reservoir, the first ``MEDIAN_RESERVOIR`` train clips (a random sample: clips are i.i.d.),
-read back from disk in neuron chunks. Each mouse is written into temporary siblings renamed into place when
-complete (:mod:`lightning_sensorium.atomic`).
+``synthesize(out_dir, ...)`` writes one folder per mouse as the release does, so the real ``convert`` → ``fit`` →
+``evaluate`` path runs on them where the real data cannot be downloaded, and puts the generator's ground truth
+beside them. Stimuli and behaviour come from :mod:`.stimuli`, neurons from :mod:`.digital_twin`. What is written
+and how it streams (bytes independent of the number of workers): docs/data.md, "Synthetic digital-twin mice
+(`synth`)".
 """
 
 from __future__ import annotations

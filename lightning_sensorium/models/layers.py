@@ -1,18 +1,9 @@
 """Blocks and functions shared by several architectures: each piece of logic lives here once.
 
-* :class:`ELU1`: the positive output nonlinearity ``ELU(x) + 1`` of the baselines and Dynamic-V1FM.
-* :func:`behavior_as_channels`: behaviour (and pupil centre) broadcast to constant image channels. The cores call
-  it, not the data loader: the batch always carries a 1-channel video plus the raw signals, and each core decides
-  what enters as channels (the baselines: behaviour only; DwiseNeuro and ViV1T: behaviour and pupil centre).
-* :func:`constant_maps_footprint`: what a convolution makes of such constant channels, so that a core convolves
-  only the video and adds the signals' part as ``signal × footprint`` (the same sum, without the per-pixel work).
-* :func:`strided_spatial_conv`: a strided ``(1, k, k)`` convolution of few channels as a stride-1 convolution of
-  their space-to-depth rearrangement (the same sum, ~2.5× faster on CPU for the factorized core's first layer).
-* :class:`CalciumELU1`: ``ELU1`` followed by a learned causal smoothing of the rate (indicator kinetics after the
-  readout's per-frame eye shift), an option of every model.
-* :class:`Exp`: the exponential output nonlinearity of ViV1T (``output_mode=1``).
-* :class:`DropPath`: stochastic depth per sample, used by DwiseNeuro, Dynamic-V1FM and ViV1T.
-* :func:`laplace_l2norm`, :func:`depth_laplace_l21d`: the smoothness penalties of the first-layer filters.
+Output nonlinearities (:class:`ELU1`, :class:`CalciumELU1`, :class:`Exp`), :class:`DropPath`, behaviour and pupil
+centre as constant image channels (:func:`behavior_as_channels`) and the cheaper ways to convolve them
+(:func:`constant_maps_footprint`, :func:`strided_spatial_conv`), and the first-layer smoothness penalties
+(:func:`laplace_l2norm`, :func:`depth_laplace_l21d`). Where each model uses them: docs/models.md.
 """
 
 from __future__ import annotations
@@ -24,6 +15,8 @@ from torch import Tensor, nn
 
 class ELU1(nn.Module):
     """``ELU(x + offset) + 1``: a positive firing rate (``VideoFiringRateEncoder``, ``elu_offset=0``).
+
+    The output nonlinearity of the baselines and Dynamic-V1FM.
 
     https://github.com/ecker-lab/sensorium_2023/blob/main/sensorium/models/video_encoder.py
 
@@ -128,6 +121,10 @@ def behavior_as_channels(video: Tensor, behavior: Tensor | None, pupil_center: T
     ``video (B, C, T, H, W)``, ``behavior (B, 2, T)``, ``pupil_center (B, 2, T)`` → ``(B, C + 2 [+ 2], T, H, W)``.
     Signals passed as None are left out. Same order and values as neuralpredictors' ``AddBehaviorAsChannels``:
     https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/data/transforms.py
+
+    The cores call it, not the data loader: the batch always carries a 1-channel video plus the raw signals, and each
+    core decides what enters as channels (the baselines: behaviour only; DwiseNeuro and ViV1T: behaviour and pupil
+    centre).
     """
     signals = [s for s in (behavior, pupil_center) if s is not None]
     if not signals:

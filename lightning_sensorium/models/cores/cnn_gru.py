@@ -1,48 +1,10 @@
-"""Rotation-equivariant 2D Hermite CNN + convolutional GRU: the core of the SENSORIUM 2023 GRU baseline
-(docs/models.md: GRU baseline).
+"""Rotation-equivariant 2D Hermite CNN + convolutional GRU: the core of the SENSORIUM 2023 GRU baseline.
 
-Port of neuralpredictors' ``RotationEquivariant2dCore`` (with ``HermiteConv2D`` and
-``RotationEquivariantBatchNorm2D``) followed by its ``GRU_Module`` / ``ConvGRUCell``, as the 2023 benchmark notebook
-configures them and ``VideoFiringRateEncoder`` wires them (2D core per frame, then the GRU over time):
-https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/cores/conv2d.py
-https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/hermite.py
-https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/rnn_modules/gru_module.py
-https://github.com/ecker-lab/sensorium_2023/blob/main/sensorium/models/video_encoder.py
-https://github.com/ecker-lab/sensorium_2023/blob/main/notebooks/benchmarks_training.ipynb
-
-Data flow with the defaults, for a ``(B, 1, T, 36, 64)`` video::
-
-    video + 2 behaviour maps (B, 3, T, 36, 64) ─► per frame (B·T, 3, 36, 64)
-      ─► layer 0: Hermite conv 9×9, no padding, 8 features × 8 rotations ─► rotation-shared BN ─► ELU (B·T, 64, 28, 56)
-      ─► layers 1–2: Hermite conv 7×7, padding 3 ─► BN ─► ELU; layer 3: the same without the ELU  (B·T, 64, 28, 56)
-      ─► conv GRU over time, 64 channels, 9×9 input and recurrent kernels, h₀ = 0                    (B, 64, T, 28, 56)
-
-**Hermite convolution.** A filter is a learned combination of the ``k(k+1)/2`` 2D Hermite functions of rank < k,
-sampled at ``upsampling``× resolution and summed back to ``k×k``. Rotating the coefficient vector (a block rotation of
-each quadrature pair by ``m·θ``) rotates the filter by ``θ``; each layer applies its filters at the ``R`` angles
-``2πr/R``, giving ``R`` output blocks of ``F`` channels (channel ``r·F + f``). In hidden layers the input rotation
-blocks are rolled by ``r`` for the filter at angle ``r``, so the stack is equivariant: rotating the input by 90°
-rotates every feature map by 90° and rolls the rotation blocks by ``R/4``. The BatchNorm shares its statistics and
-affine parameters across rotations, which keeps that property. Only the coefficients are learned; the Hermite
-basis and the rotation matrices are constant (non-persistent) buffers, rebuilt from the hyper-parameters.
-
-**GRU.** ``u = σ(W_u x + U_u h)``, ``r = σ(W_r x + U_r h)``, ``h̃ = tanh(W_o x + U_o (r ⊙ h))``,
-``h' = (1 − u) ⊙ h + u ⊙ h̃``; all six convolutions have a bias, xavier-normal weights and zero biases. The output
-is every state, so ``T' = T`` and output frame ``t`` depends on input frames ``≤ t`` only (in training mode the
-BatchNorm batch statistics pool all frames of the batch, as in the original).
-
-**Regularizer.** ``input_reg_weight · LaplaceL2norm(first-layer filters at all rotations)`` (sums, ``avg=False``)
-+ ``hidden_reg_weight · group sparsity`` (mean over (out, in) of the L2 norm of each hidden-layer ``k×k`` filter at
-all rotations, averaged over the hidden layers). The GRU's ``gamma_rec`` is 0 in the benchmark and never reaches
-the loss in the original trainer, so it is left out.
-
-Differences from the original, none of which changes the 2023 model's function: the Hermite basis is summed down to
-``k×k`` once at construction (downsampling is linear, so it commutes with the coefficient contraction) and is a
-buffer instead of a frozen ``nn.Parameter``; the three input-gate convolutions of the GRU run as one convolution
-over all frames at once and the update/reset hidden convolutions as one per step (concatenated weights of the
-original six modules, which keep their names and init); the BatchNorm module is a ``BatchNorm1d`` subclass (state
-``norm.weight`` instead of ``norm.batch_norm.weight``); only stride 1, ELU, a square basis and the last layer as
-output (``stack=-1``) are offered, and ``math.gamma`` replaces ``scipy.special.gamma``.
+Port of neuralpredictors' ``RotationEquivariant2dCore`` and ``GRU_Module``
+(https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/cores/conv2d.py,
+https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/rnn_modules/gru_module.py) as the
+2023 benchmark notebook configures them. Sources, model, parameters and differences: docs/models.md, "GRU baseline
+(`experiments/gru.yaml`)".
 """
 
 from __future__ import annotations
@@ -120,6 +82,11 @@ class HermiteConv2d(nn.Module):
     ``(N, in_channels, H, W)`` → ``(N, num_rotations · out_channels, H', W')``, output channel ``r·out + o`` being
     filter ``o`` rotated by ``2πr/R``. With ``rotate_inputs`` (hidden layers) the input is ``R`` rotation blocks and
     the filter at angle ``r`` sees them rolled by ``r`` blocks. Port of ``HermiteConv2D`` + ``RotateHermite``.
+
+    A filter is a learned combination of the ``k(k+1)/2`` 2D Hermite functions of rank < k, sampled at
+    ``upsampling``× resolution and summed back to ``k×k``. Rotating the coefficient vector (a block rotation of each
+    quadrature pair by ``m·θ``) rotates the filter by ``θ``. Only the coefficients are learned; the Hermite basis and
+    the rotation matrices are constant (non-persistent) buffers, rebuilt from the hyper-parameters.
 
     Args:
         in_channels: input channels (for ``rotate_inputs``, all rotation blocks together).
@@ -218,6 +185,10 @@ def _stacked(*convs: nn.Conv2d) -> tuple[Tensor, Tensor]:
 class ConvGRU(nn.Module):
     """Convolutional GRU over the time axis: ``(B, C, T, H, W)`` → every state ``(B, hidden, T, H, W)``, ``h₀ = 0``.
 
+    ``u = σ(W_u x + U_u h)``, ``r = σ(W_r x + U_r h)``, ``h̃ = tanh(W_o x + U_o (r ⊙ h))``,
+    ``h' = (1 − u) ⊙ h + u ⊙ h̃``; all six convolutions have a bias. The output is every state, so ``T' = T`` and
+    output frame ``t`` depends on input frames ``≤ t`` only.
+
     The six gate convolutions keep the original ``ConvGRUCell`` names and init (xavier-normal weights, zero
     biases); "same" padding throughout. For speed the three input convolutions run as one convolution over all
     frames, and the update and reset hidden convolutions as one convolution per step.
@@ -279,7 +250,18 @@ class CnnGruCore(Core):
 
     Input channels are the video's, then the behaviour maps, then the pupil-centre maps, as enabled (default
     1 + 2 = 3, the baseline's). Output ``(B, gru_channels, T, H − input_kernel + 1, W − input_kernel + 1)``
-    (``(B, 64, T, 28, 56)`` for 36×64 frames), aligned with the input frames (``T' = T``). See the module docstring.
+    (``(B, 64, T, 28, 56)`` for 36×64 frames), aligned with the input frames (``T' = T``). With the defaults::
+
+        video + 2 behaviour maps (B, 3, T, 36, 64) ─► per frame (B·T, 3, 36, 64)
+          ─► layer 0: Hermite conv 9×9, no padding, 8 features × 8 rotations ─► shared BN ─► ELU  (B·T, 64, 28, 56)
+          ─► layers 1–2: Hermite conv 7×7, padding 3 ─► BN ─► ELU; layer 3: the same without the ELU
+          ─► conv GRU over time, 64 channels, 9×9 input and recurrent kernels, h₀ = 0           (B, 64, T, 28, 56)
+
+    In hidden layers the input rotation blocks are rolled with the filter angle, so the stack is equivariant:
+    rotating the input by 90° rotates every feature map by 90° and rolls the rotation blocks by ``R/4``. The
+    BatchNorm shares its statistics and affine parameters across rotations, which keeps that property. The core is
+    causal (output frame ``t`` sees input frames ``≤ t``); in training mode the BatchNorm batch statistics pool all
+    frames of the batch, as in the original.
 
     Args:
         hidden_channels: filters per rotation in every CNN layer (``hidden_channels``); the CNN outputs
@@ -384,7 +366,13 @@ class CnnGruCore(Core):
         return self.gru(feats)  # (B, gru_channels, T, H', W')
 
     def regularizer(self) -> Tensor:
-        """``input_reg_weight · LaplaceL2norm(W₀) + hidden_reg_weight · mean_l mean_{o,i} ‖W_l[o, i]‖₂`` (l ≥ 1)."""
+        """``input_reg_weight · LaplaceL2norm(W₀) + hidden_reg_weight · mean_l mean_{o,i} ‖W_l[o, i]‖₂`` (l ≥ 1).
+
+        The Laplace term sums over the first-layer filters at all rotations (``avg=False``); the group sparsity is
+        the mean over (out, in) of the L2 norm of each hidden-layer ``k×k`` filter at all rotations, averaged over
+        the hidden layers. The GRU's ``gamma_rec`` is 0 in the benchmark and never reaches the loss in the original
+        trainer, so it is left out.
+        """
         laplace = laplace_l2norm(self._block(0).conv.filters())
         hidden = [self._block(i).conv.filters() for i in range(1, len(self.cnn))]
         if not hidden:

@@ -1,34 +1,10 @@
-"""DwiseNeuro core (SENSORIUM 2023, 1st place; docs/models.md: DwiseNeuro): a (2+1)D depthwise inverted-residual
-3D CNN + "cortex".
+"""DwiseNeuro core (SENSORIUM 2023, 1st place): a (2+1)D depthwise inverted-residual 3D CNN + "cortex".
 
 Port of ``DepthwiseCore``, the global spatial pool and ``Cortex`` of
-https://github.com/lRomul/sensorium/blob/main/src/models/dwiseneuro.py as configured by
-``configs/true_batch_001.py`` (stage 1, ``expansion=7``) and ``configs/distillation_001.py`` (stage 2, ``expansion=6``),
-with the weight init of ``src/utils.py`` ``init_weights`` and the input tensor of ``src/inputs.py``
-``StackInputsProcessor``::
-
-    video (B,1,T,36,64) ─► zero-pad to 64×64 (centred) ─► + behaviour, pupil centre as 4 constant maps ─► (B,5,T,64,64)
-      ─► stem: Conv3d 1×1×1 (5→64, no bias) ─► BN
-      ─► 9 × [ + sinusoidal PositionalEncoding3d ─► InvertedResidual3d ]      (B, 256, T, 8, 8)
-      ─► mean over H, W                                                          (B, 256, T)
-      ─► cortex: 3 × ShuffleLayer 256→1024→2048→4096 (grouped 1×1 Conv1d)       (B, 4096, T)
-      ─► features (B, 4096, T, 1, 1)
-
-Where the pieces sit. The original's ``DwiseNeuro`` module holds ``core``, ``pool``, ``cortex`` and one
-``Readout`` per mouse; the cortex is shared by all mice, so here it is part of the core and the per-mouse part is
-only :class:`~lightning_sensorium.models.readouts.dwiseneuro.DwiseNeuroReadout` (Dropout1d + grouped 1×1 conv).
-
-Time. Every output frame belongs to its own input frame (``T' = T``: nothing is lost), but the temporal depthwise
-convolutions are symmetric ``(5, 1, 1)`` with padding 2, so the core is **not causal**: with 9 blocks an output frame
-sees ±18 model frames (±36 raw frames at ``frame_step=2``), and the frames near both window ends see zero padding.
-The original trains on 16-frame windows and averages sliding-window predictions at inference
-(``SensoriumModule(eval_window=16, eval_stride=1)``).
-
-Differences from the original, none of which changes the computation: the modules are named for what they are
-(``conv_spatial`` for the original's ``spat_covn_dw``, ``norm`` for ``BatchNormAct.bn`` ...; see
-:func:`original_key` to load an original checkpoint), the positional encoding holds no buffer (the original's
-``inv_freq`` is a constant of the formula) and caches its table outside the state dict, and the pad target is an
-option (``pad_to``; None keeps the recorded frame size).
+https://github.com/lRomul/sensorium/blob/main/src/models/dwiseneuro.py as ``configs/true_batch_001.py`` (stage 1,
+``expansion=7``) and ``configs/distillation_001.py`` (stage 2, ``expansion=6``) configure them. The cortex, shared
+by all mice, is part of the core; the core is not causal. Model, parameters and differences: docs/models.md,
+"DwiseNeuro (`experiments/dwiseneuro.yaml`, `experiments/dwiseneuro_distill.yaml`)".
 """
 
 from __future__ import annotations
@@ -294,10 +270,25 @@ class ShuffleLayer(nn.Module):
 
 
 class DwiseNeuroCore(Core):
-    """DwiseNeuro's shared trunk: depthwise 3D CNN, global spatial average, and the cortex (see module docstring).
+    """DwiseNeuro's shared trunk: depthwise 3D CNN, global spatial average, and the cortex.
 
     ``forward(video (B, 1, T, H, W), behavior (B, 2, T), pupil_center (B, 2, T))`` → ``(B, cortex[-1], T, 1, 1)``.
     The inputs are used as given: the recipe feeds raw grey levels and raw signals (``data.normalization: raw``).
+    With the defaults::
+
+        video (B,1,T,36,64) ─► zero-pad to 64×64 (centred) ─► + behaviour, pupil centre as 4 constant maps (B,5,T,64,64)
+          ─► stem: Conv3d 1×1×1 (5→64, no bias) ─► BN
+          ─► 9 × [ + sinusoidal PositionalEncoding3d ─► InvertedResidual3d ]      (B, 256, T, 8, 8)
+          ─► mean over H, W                                                          (B, 256, T)
+          ─► cortex: 3 × ShuffleLayer 256→1024→2048→4096 (grouped 1×1 Conv1d)       (B, 4096, T)
+          ─► features (B, 4096, T, 1, 1)
+
+    The original's ``DwiseNeuro`` module holds ``core``, ``pool``, ``cortex`` and one ``Readout`` per mouse; the
+    cortex is shared by all mice, so here it is part of the core and the per-mouse part is only
+    :class:`~lightning_sensorium.models.readouts.dwiseneuro.DwiseNeuroReadout`. Every output frame belongs to its own
+    input frame (``T' = T``), but the temporal convolutions are symmetric ``(5, 1, 1)`` with padding 2, so the core
+    is **not causal**: with 9 blocks an output frame sees ±18 model frames (±36 raw frames at ``frame_step=2``), and
+    the frames near both window ends see zero padding.
 
     Args:
         features: output channels of the stem (``features[0]``) and of block ``i`` (``features[i + 1]``; the last

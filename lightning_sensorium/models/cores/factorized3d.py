@@ -1,30 +1,10 @@
-"""Factorized 3D core of the SENSORIUM 2023 factorized baseline (docs/models.md: Factorized baseline).
+"""Factorized 3D core of the SENSORIUM 2023 factorized baseline: spatial then temporal valid convolutions, causal.
 
-Port of neuralpredictors' ``Factorized3dCore`` as the 2023 benchmark notebook configures it:
-https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/cores/conv3d.py
-https://github.com/ecker-lab/sensorium_2023/blob/main/notebooks/benchmarks_training.ipynb
-
-Each layer::
-
-    x ─► Conv3d (1, k, k) ─► Conv3d (t, 1, 1) ─► BatchNorm3d ─► ELU ─► y
-         spatial, bias       temporal, bias      affine, momentum 0.7
-
-All convolutions are valid (unpadded; ``padding=True`` zero-pads the spatial ones, as the original offers), stride
-1, with a bias even before BatchNorm, and there is no nonlinearity between the spatial and the temporal
-convolution. With the defaults a (3, 80, 36, 64) input becomes (128, 62, 18, 46): 18 frames are lost, the
-receptive field is 19 frames × 19 × 19 pixels, and the core is causal — output frame ``k`` sees input frames
-``k … k + 18`` and belongs to input frame ``k + 18`` (the last).
-
-Differences from the original, none of which changes the 2023 model: only ELU, square spatial kernels and a stride
-on the first layer alone (``input_stride``; the original's ``stride`` applies to every layer) are offered (the
-options the benchmark does not use are left out), and the layers are named
-``layers.<i>.{conv_spatial,conv_temporal,norm,nonlin}`` in every layer (the original adds ``_<i>`` to the hidden
-layers' conv names and keeps them under ``features``). One change of *how* it is computed: the behaviour channels
-are constant images, so the first spatial convolution runs on the video channel alone and adds each signal times
-its filter's footprint (:func:`~lightning_sensorium.models.layers.constant_maps_footprint`) — the same sum up to
-float rounding with a third of the first layer's multiply-adds; and a strided first layer (``input_stride``) runs as
-a stride-1 convolution of the space-to-depth rearranged video
-(:func:`~lightning_sensorium.models.layers.strided_spatial_conv`) on CPU, the same sum again, ~2.5× faster there.
+Port of neuralpredictors' ``Factorized3dCore``
+(https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/cores/conv3d.py) as the 2023
+benchmark notebook configures it
+(https://github.com/ecker-lab/sensorium_2023/blob/main/notebooks/benchmarks_training.ipynb). Model, parameters and
+differences: docs/models.md, "Factorized baseline (`experiments/factorized.yaml`)".
 """
 
 from __future__ import annotations
@@ -85,7 +65,16 @@ class Factorized3dCore(Core):
 
     Input channels are the video's, then the behaviour maps, then the pupil-centre maps, as enabled (default
     1 + 2 = 3, the baseline's). Each signal is broadcast over H × W by
-    :func:`~lightning_sensorium.models.layers.behavior_as_channels` inside :meth:`forward`.
+    :func:`~lightning_sensorium.models.layers.behavior_as_channels` inside :meth:`forward`. Each layer::
+
+        x ─► Conv3d (1, k, k) ─► Conv3d (t, 1, 1) ─► BatchNorm3d ─► ELU ─► y
+             spatial, bias       temporal, bias      affine, momentum 0.7
+
+    All convolutions are valid (``padding=True`` zero-pads the spatial ones, as the original offers), stride 1, with
+    a bias even before BatchNorm, and no nonlinearity between the spatial and the temporal convolution. With the
+    defaults a (3, 80, 36, 64) input becomes (128, 62, 18, 46): 18 frames are lost, the receptive field is 19 frames
+    × 19 × 19 pixels, and the core is causal — output frame ``k`` sees input frames ``k … k + 18`` and belongs to
+    input frame ``k + 18`` (the last).
 
     Args:
         hidden_channels: output channels of each layer (the number of layers is its length).

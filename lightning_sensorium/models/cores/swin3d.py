@@ -1,40 +1,10 @@
-"""3D shifted-window transformer core of Dynamic-V1FM, 2nd place in SENSORIUM 2023 (docs/models.md: Dynamic-V1FM).
+"""3D shifted-window transformer core of Dynamic-V1FM, 2nd place in SENSORIUM 2023.
 
-Port of ``SwinCore`` with the submitted configuration (``config/neuroencoding.py``):
-https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/models/swin_core.py
-https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/config/neuroencoding.py
-The window attention follows torchvision's ``shifted_window_attention_3d``, which the original copies:
-https://github.com/pytorch/vision/blob/main/torchvision/models/video/swin_transformer.py
-
-::
-
-    video (B, 1, T, H, W) ─► Conv3d 2×2×2, stride 2 ─► LayerNorm ─► tokens (B, T/2, H/2, W/2, C)
-    for each of 4 blocks (no LayerNorm inside a block):
-        x = x + B-MLP([behaviour, pupil centre])      per frame 4 → 112 → 112, 2 frames of a patch concatenated
-        x = x + DropPath(W-MSA(x))                    3D windows (8, 7, 7), shifted by (4, 3, 3) in EVERY block
-        x = x + DropPath(MLP(x))                      Linear → SwiGLU → depthwise Conv3d 3×3×3 → GELU → Linear
-    features (B, C, T/2, H/2, W/2)
-
-With the defaults a ``(1, 30, 36, 64)`` clip becomes ``(224, 15, 18, 32)``. Token ``k`` covers input frames
-``2k, 2k + 1``; by the Core contract the 15 tokens belong to the *last* 15 frames (the original trains token ``k``
-against response frame ``15 + k``), so the mapping from input time to output time is learned. Attention is
-non-causal within a window.
-
-Attention: per (window, head), ``softmax(q kᵀ / √d + bias + mask) v`` with ``bias`` a learned relative-position
-table ``((2·8 − 1)(2·7 − 1)(2·7 − 1), heads)`` and ``mask`` −100 between tokens that the cyclic shift brought
-together from different regions. It runs through :func:`torch.nn.functional.scaled_dot_product_attention` with
-``bias + mask`` as a float ``attn_mask`` and the ``(windows · heads)`` pairs as the head axis, so the mask is
-broadcast over the batch instead of materialised per sample. As in the original, the token grid is zero-padded at
-the end to multiples of the window (15 × 18 × 32 → 16 × 21 × 35: 30 windows of 392 tokens) and padded tokens take
-part in the attention; a window larger than the grid shrinks to it and stops shifting along that axis.
-
-Init as the original: every Linear of the blocks trunc_normal(0.02) with zero bias, the relative-position table
-trunc_normal(0.02), the convolutions and the LayerNorm keep PyTorch's defaults.
-
-Differences from the original: the signals are zero-padded at the end like the video when ``T`` is not a multiple
-of the temporal patch (the original's reshape fails there); the shift defaults to half the window as the original
-hard-codes, but is an option; attention goes through ``scaled_dot_product_attention`` (same maths: tested against a
-plain softmax reference); the relative-position index is a non-persistent buffer (derived from the options).
+Port of ``SwinCore`` (https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/models/swin_core.py) with the submitted
+configuration (https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/config/neuroencoding.py); its window attention
+follows torchvision's ``shifted_window_attention_3d``
+(https://github.com/pytorch/vision/blob/main/torchvision/models/video/swin_transformer.py). Model, parameters and
+differences: docs/models.md, "Dynamic-V1FM (2nd place): 3D Swin core + hierarchical Gaussian readout".
 """
 
 from __future__ import annotations
@@ -103,6 +73,17 @@ def relative_position_index(window: Triple) -> Tensor:
 
 class ShiftedWindowAttention3d(nn.Module):
     """Multi-head self-attention inside 3D (shifted) windows with a learned relative-position bias.
+
+    Per (window, head), ``softmax(q kᵀ / √d + bias + mask) v`` with ``bias`` a learned relative-position table
+    ``((2·8 − 1)(2·7 − 1)(2·7 − 1), heads)`` for the default window and ``mask`` −100 between tokens that the cyclic
+    shift brought together from different regions (torchvision's ``shifted_window_attention_3d``, which the
+    original copies). It runs through :func:`torch.nn.functional.scaled_dot_product_attention` with ``bias + mask``
+    as a float ``attn_mask`` and the ``(windows · heads)`` pairs as the head axis, so the mask is broadcast over the
+    batch instead of materialised per sample (the same maths: tested against a plain softmax reference). As in the
+    original, the token grid is zero-padded at the end to multiples of the window (15 × 18 × 32 → 16 × 21 × 35: 30
+    windows of 392 tokens) and padded tokens take part in the attention; a window larger than the grid shrinks to
+    it and stops shifting along that axis. The relative-position index is a non-persistent buffer (derived from the
+    options).
 
     Args:
         dim: token channels.
@@ -268,10 +249,24 @@ class SwinBlock(nn.Module):
 
 class Swin3dCore(Core):
     """Dynamic-V1FM's 3D Swin core: patch embedding + blocks of behaviour bias, shifted-window attention and a
-    convolutional SwiGLU MLP (see the module docstring).
+    convolutional SwiGLU MLP.
 
     The video enters as its own channels only; behaviour (pupil size, running speed) and the pupil centre enter
-    every block through its behaviour MLP, in that order (4 signals).
+    every block through its behaviour MLP, in that order (4 signals)::
+
+        video (B, 1, T, H, W) ─► Conv3d 2×2×2, stride 2 ─► LayerNorm ─► tokens (B, T/2, H/2, W/2, C)
+        for each of 4 blocks (no LayerNorm inside a block):
+            x = x + B-MLP([behaviour, pupil centre])      per frame 4 → 112 → 112, 2 frames of a patch concatenated
+            x = x + DropPath(W-MSA(x))                    3D windows (8, 7, 7), shifted by (4, 3, 3) in EVERY block
+            x = x + DropPath(MLP(x))                      Linear → SwiGLU → depthwise Conv3d 3×3×3 → GELU → Linear
+        features (B, C, T/2, H/2, W/2)
+
+    With the defaults a ``(1, 30, 36, 64)`` clip becomes ``(224, 15, 18, 32)``. Token ``k`` covers input frames
+    ``2k, 2k + 1``; by the Core contract the 15 tokens belong to the *last* 15 frames (the original trains token
+    ``k`` against response frame ``15 + k``), so the mapping from input time to output time is learned. Attention
+    is non-causal within a window. Init as the original: every Linear of the blocks trunc_normal(0.02) with zero
+    bias, the relative-position table trunc_normal(0.02); the convolutions and the LayerNorm keep PyTorch's
+    defaults.
 
     Args:
         embed_dim: token channels (``emb_dim``).

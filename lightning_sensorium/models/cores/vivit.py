@@ -1,44 +1,10 @@
-"""ViV1T core: a factorized video vision transformer (3rd place, SENSORIUM 2023; docs/models.md: ViV1T).
+"""ViV1T core: a factorized video vision transformer (3rd place, SENSORIUM 2023).
 
 Port of ``ViViTCore`` / ``ViViT`` of https://github.com/bryanlimy/ViV1T/blob/main/src/viv1t/model/core/vivit.py as
-its README command builds it (``--core=vivit --core_parallel_attention``, ``core_behavior_mode=2``,
-``core_patch_mode=0``, ``core_pos_encoding=3``), with the tuned defaults of ``train.py`` (= Table 3 of the
-retrospective paper, arXiv 2407.09100)::
-
-    video (B,1,T,36,64) ┐
-    behavior (B,2,T)    ├─► 5 channels ─► tubelets 25×7×7, stride 1×2×2 ─► LN(6125) ─► Linear(→112) ─► LN ─► Dropout
-    pupil (B,2,T)       ┘                                                  + spatial (435) + temporal (T') positions
-      ─► spatial transformer: 3 blocks over (B·T', 435, 112)
-      ─► temporal transformer: 5 blocks over (B·435, T', 112), bidirectional (no mask)
-      ─► features (B, 112, T' = T − 24, 15, 29)
-
-Each output frame ``k`` is the token of the tubelet of input frames ``k … k + 24``: it belongs to its last frame
-``k + 24``, so the output covers the last ``T − 24`` input frames (the Core contract). The temporal attention is
-not causal, so an output frame also sees later frames within the clip.
-
-Blocks (``parallel_attention=True``, the README command): ``ParallelTransformerBlock``::
-
-    x ─► LN ─► Linear(112 → 3·528 + 136, no bias) ─► q, k, v (11 heads × 48), ff (136)
-    y = x + DropPath(Linear(528→112, no bias)(Dropout(SDPA(q, k, v))))
-          + DropPath(Linear(136→112, no bias)(Dropout(GELU(ff))))
-
-``parallel_attention=False`` gives the default ``TransformerBlock`` (pre-LN attention then pre-LN FF, each with
-DropPath). Linear weights in the blocks start truncated-normal (std 0.02) with zero biases, as the original's
-``init_weight``; the tokenizer keeps PyTorch's default init; both position tables start ``randn``.
-
-"Patch dropout" in Table 3 is the original's ``--core_p_dropout``: an element-wise Dropout on the token
-embeddings after the tokenizer's LayerNorm (``Tokenizer``), not a dropping of whole tokens; it is ported as such.
-
-Differences from the original, none of which changes the README model: the latent grid is the tokenizer's
-``(H', W')`` (the original factors the token count with ``find_shape``, which equals 15 × 29 here but can differ
-for other patch sizes); the temporal stride is fixed to 1 (a stride > 1 breaks the "last T' frames" alignment the
-original's targets rely on); the options the README model does not use (other patch modes and position encodings,
-behaviour MLPs inside blocks, CLS tokens, QK-norm, SwiGLU) are left out; the features are not cast to fp32 (Lightning's
-precision setting decides); the standard block scales attention by 1/√head_dim (the original's SDPA path, which is
-the one its default ``--core_flash_attention=1`` takes; its manual path would use 1/√emb_dim). By default
-(``fused_tokenizer=True``) the tokenizer's LayerNorm + Linear run as one Conv3d with pooled tubelet statistics: the
-same parameters and function (to float rounding), without the ``(B, T', 435, 6125)`` tubelet tensor.
-Parity with the original (weights copied, same seed): ``benchmarks/bench_vivit_forward.py``.
+its README command builds it (``--core=vivit --core_parallel_attention``), with the tuned defaults of ``train.py``
+(Table 3 of the retrospective paper, https://arxiv.org/abs/2407.09100). Spatial then temporal attention over
+overlapping tubelets; not causal. Model, parameters, parity and differences: docs/models.md, "ViV1T (3rd place):
+factorized video transformer + Gaussian readout with a behaviour state encoder".
 """
 
 from __future__ import annotations
@@ -86,6 +52,12 @@ def _init_block(module: nn.Module) -> None:
 
 class ParallelTransformerBlock(nn.Module):
     """Attention and feed-forward in parallel from one LayerNorm and one fused projection (Wang 2021, GPT-J).
+
+    With the README model's sizes::
+
+        x ─► LN ─► Linear(112 → 3·528 + 136, no bias) ─► q, k, v (11 heads × 48), ff (136)
+        y = x + DropPath(Linear(528→112, no bias)(Dropout(SDPA(q, k, v))))
+              + DropPath(Linear(136→112, no bias)(Dropout(GELU(ff))))
 
     Args:
         dim: token embedding size.
@@ -250,7 +222,24 @@ class Tokenizer(nn.Module):
 
 
 class ViViTCore(Core):
-    """Factorized spatial-then-temporal transformer on video + behaviour channels (see the module docstring).
+    """Factorized spatial-then-temporal transformer on video + behaviour channels.
+
+    With the defaults (the README model)::
+
+        video (B,1,T,36,64) ┐
+        behavior (B,2,T)    ├─► 5 channels ─► tubelets 25×7×7, stride 1×2×2 ─► LN(6125) ─► Linear(→112) ─► LN ─► Dropout
+        pupil (B,2,T)       ┘                                                  + spatial (435) + temporal (T') positions
+          ─► spatial transformer: 3 blocks over (B·T', 435, 112)
+          ─► temporal transformer: 5 blocks over (B·435, T', 112), bidirectional (no mask)
+          ─► features (B, 112, T' = T − 24, 15, 29)
+
+    Each output frame ``k`` is the token of the tubelet of input frames ``k … k + 24``: it belongs to its last frame
+    ``k + 24``, so the output covers the last ``T − 24`` input frames (the Core contract). The temporal attention is
+    not causal, so an output frame also sees later frames within the clip. Blocks are
+    :class:`ParallelTransformerBlock` (``parallel_attention=True``, the README command) or the standard
+    :class:`TransformerBlock`. Linear weights in the blocks start truncated-normal (std 0.02) with zero biases, as
+    the original's ``init_weight``; the tokenizer keeps PyTorch's default init; both position tables start
+    ``randn``. The features are not cast to fp32 (Lightning's precision setting decides).
 
     Args:
         dim: token embedding size (``core_emb_dim``).

@@ -1,27 +1,11 @@
 """Gaussian readout with a full covariance and positions predicted from cortical coordinates.
 
-Port of neuralpredictors' ``FullGaussian2d`` with a ``cortex`` grid-mean predictor, as the SENSORIUM 2023
-baselines configure it (``gauss_type='full'``, ``batch_sample=True``, ``align_corners=True``; docs/models.md: GRU
-baseline):
-https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/readouts/gaussian.py
-https://github.com/ecker-lab/sensorium_2023/blob/main/notebooks/benchmarks_training.ipynb
-
-* μ = MLP(normalised cortical x, y): Linear(2, 30) → ELU → Linear(30, 2) → Tanh. Positions are a smooth, learned
-  function of where a neuron sits in cortex (retinotopy), not free parameters. The coordinates are centred per
-  mouse and divided by their largest absolute value, and kept as a buffer, so a checkpoint needs no data.
-* σ: a full 2×2 matrix per neuron, initialised U(−init_sigma, init_sigma). Training samples
-  ``grid = clamp(σ z + μ, −1, 1)`` with a fresh ``z ~ N(0, I)`` for every (batch · frame) row and neuron;
-  evaluation reads at ``clamp(μ, −1, 1)``.
-* The gaze shift is added *after* the clamp, so a position may leave the frame; ``grid_sample`` (bilinear, zero
-  padding, ``align_corners=True``) then reads zeros there. The grid is made contiguous first: the einsum's strided
-  result (and the expanded μ of evaluation) send CPU ``grid_sample`` down a path ~4× slower
-  (``benchmarks/bench_readout.py``), a cost the original pays.
-* Response ``y_n = Σ_c F[c, grid_n] · w[c, n] + b_n`` with ``w`` initialised to 1/C.
-
-Differences from the original: the bias starts at ``neurons.mean_responses`` (the mean over the training frames)
-instead of the mean of the first training batch, so it is deterministic and needs no loader; if all neurons share
-one position, the coordinates are left unscaled instead of divided by zero; the options the baselines do not use
-(free or shared grids, shared features, other Gaussian types, ``out_idx``) are left out.
+Port of neuralpredictors' ``FullGaussian2d`` with a ``cortex`` grid-mean predictor
+(https://github.com/sinzlab/neuralpredictors/blob/main/neuralpredictors/layers/readouts/gaussian.py) as the
+SENSORIUM 2023 baselines configure it (``gauss_type='full'``, ``batch_sample=True``, ``align_corners=True``;
+https://github.com/ecker-lab/sensorium_2023/blob/main/notebooks/benchmarks_training.ipynb). The base of the
+Dynamic-V1FM and ViV1T readouts. Its model and differences: :class:`GaussianReadout`; its recipes: docs/models.md,
+"Factorized baseline (`experiments/factorized.yaml`)" and "GRU baseline (`experiments/gru.yaml`)".
 """
 
 from __future__ import annotations
@@ -46,7 +30,24 @@ def _normalised_grid(coordinates: np.ndarray) -> np.ndarray:
 
 
 class GaussianReadout(Readout):
-    """Per-mouse full-Gaussian readout with a coordinate-driven position predictor (see the module docstring).
+    """Per-mouse full-Gaussian readout with a coordinate-driven position predictor.
+
+    * μ = MLP(normalised cortical x, y): Linear(2, 30) → ELU → Linear(30, 2) → Tanh. Positions are a smooth, learned
+      function of where a neuron sits in cortex (retinotopy), not free parameters. The coordinates are centred per
+      mouse and divided by their largest absolute value, and kept as a buffer, so a checkpoint needs no data.
+    * σ: a full 2×2 matrix per neuron, initialised U(−init_sigma, init_sigma). Training samples
+      ``grid = clamp(σ z + μ, −1, 1)`` with a fresh ``z ~ N(0, I)`` for every (batch · frame) row and neuron;
+      evaluation reads at ``clamp(μ, −1, 1)``.
+    * The gaze shift is added *after* the clamp, so a position may leave the frame; ``grid_sample`` (bilinear, zero
+      padding, ``align_corners=True``) then reads zeros there. The grid is made contiguous first: the einsum's
+      strided result (and the expanded μ of evaluation) send CPU ``grid_sample`` down a path ~4× slower
+      (``benchmarks/bench_readout.py``), a cost the original pays.
+    * Response ``y_n = Σ_c F[c, grid_n] · w[c, n] + b_n`` with ``w`` initialised to 1/C.
+
+    Differences from the original: the bias starts at ``neurons.mean_responses`` (the mean over the training frames)
+    instead of the mean of the first training batch, so it is deterministic and needs no loader; if all neurons
+    share one position, the coordinates are left unscaled instead of divided by zero; the options the baselines do
+    not use (free or shared grids, shared features, other Gaussian types, ``out_idx``) are left out.
 
     Args:
         in_shape: ``(C, H, W)`` of the core's features.

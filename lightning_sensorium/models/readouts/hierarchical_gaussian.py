@@ -1,35 +1,11 @@
 """Dynamic-V1FM's "hierarchical" Gaussian readout: a full-Gaussian readout fused with coarser readouts that share
-read positions among groups of neighbouring neuron *indices* (docs/models.md: Dynamic-V1FM).
+read positions among groups of neighbouring neuron *indices*.
 
-Port of ``FullGaussian2d`` of ``models/readouts_mean.py`` (mean fusion) and ``models/readouts_adaptive.py``
-(adaptive fusion), with the submitted configuration of ``config/neuroencoding.py``:
-https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/models/readouts_mean.py
-https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/models/readouts_adaptive.py
-
-* Base level: the :class:`~lightning_sensorium.models.readouts.gaussian.GaussianReadout` (neuralpredictors'
-  ``FullGaussian2d``) with the original's settings: position MLP Linear(2, 32) → ELU → Linear(32, 2) → Tanh,
-  σ U(−0.2, 0.2), features 1/C, per-neuron bias; the grid is sampled per (batch · frame) row in training, then
-  shifted (after the clamp).
-* Level ``k``: that shifted grid subsampled along the neuron index to ``N // k`` "virtual neurons" (nearest
-  interpolation: virtual neuron ``j`` reads at neuron ``⌊j · N / (N // k)⌋``'s position), read out with the level's
-  own features ``(C, N // k)`` (1/C), upsampled back to ``N`` by nearest (neuron ``i`` takes virtual neuron
-  ``⌊i · (N // k) / N⌋``), then refined point-wise by Conv1d(1 → 16k, 1) → ELU → Conv1d(16k → 1, 1, no bias),
-  i.e. hidden widths 32, 64, 128, 256 for k = 2, 4, 8, 16. Groups are neighbours in the *index*, not in space.
-* Fusion of the base and the chosen levels, then the bias:
-  ``mean``: their plain average; ``adaptive``: ``AdaptiveFusion`` — per sample, the mean of each level over
-  (frames, neurons) → Linear(L, L) → ReLU → Linear(L, L) → Sigmoid gives L weights; output = Σ weight · level.
-  No levels: the base alone (the original's mode ``'0'``).
-
-The original selects the levels with a mode string (``'2_4_8_16'``, ``'2_8'``, … ``'0'``) and the fusion with the
-model class; here ``levels`` and ``fusion`` are typed options. Like the original, every level's features and
-refinement MLP (2, 4, 8, 16), and with adaptive fusion a fusion MLP for each of 2 … 5 inputs, are allocated
-whatever the choice (``allocate_all_levels``), so parameter counts match it: 3,452,885 per mouse at N = 7,863 with
-mean fusion, 136 more with adaptive fusion. Unused parts receive no gradient (only AdamW's decay), which
-``allocate_all_levels=False`` avoids (e.g. for DDP without ``find_unused_parameters``).
-
-Differences from the original: any number of frames works (the original reshapes with a hard-coded 15), the shift
-is optional (without it the levels are undefined in the original), and the bias starts at ``neurons.mean_responses``
-as in :class:`GaussianReadout`.
+Port of ``FullGaussian2d`` of https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/models/readouts_mean.py (mean
+fusion) and https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/models/readouts_adaptive.py (adaptive fusion), with
+the submitted configuration of ``config/neuroencoding.py``. Its levels, fusion and differences:
+:class:`HierarchicalGaussianReadout`; the recipe: docs/models.md, "Dynamic-V1FM (2nd place): 3D Swin core +
+hierarchical Gaussian readout".
 """
 
 from __future__ import annotations
@@ -65,7 +41,31 @@ def _refinement(hidden: int) -> nn.Sequential:
 
 
 class HierarchicalGaussianReadout(GaussianReadout):
-    """Full-Gaussian readout fused with neuron-index-subsampled levels (see the module docstring).
+    """Full-Gaussian readout fused with neuron-index-subsampled levels.
+
+    * Base level: the :class:`~lightning_sensorium.models.readouts.gaussian.GaussianReadout` (neuralpredictors'
+      ``FullGaussian2d``) with the original's settings: position MLP Linear(2, 32) → ELU → Linear(32, 2) → Tanh,
+      σ U(−0.2, 0.2), features 1/C, per-neuron bias; the grid is sampled per (batch · frame) row in training, then
+      shifted (after the clamp).
+    * Level ``k``: that shifted grid subsampled along the neuron index to ``N // k`` "virtual neurons" (nearest
+      interpolation: virtual neuron ``j`` reads at neuron ``⌊j · N / (N // k)⌋``'s position), read out with the
+      level's own features ``(C, N // k)`` (1/C), upsampled back to ``N`` by nearest (neuron ``i`` takes virtual
+      neuron ``⌊i · (N // k) / N⌋``), then refined point-wise by Conv1d(1 → 16k, 1) → ELU → Conv1d(16k → 1, 1, no
+      bias), i.e. hidden widths 32, 64, 128, 256 for k = 2, 4, 8, 16. Groups are neighbours in the *index*, not in
+      space.
+    * Fusion of the base and the chosen levels, then the bias: ``mean``: their plain average; ``adaptive``:
+      :class:`AdaptiveFusion` — per sample, the mean of each level over (frames, neurons) → Linear(L, L) → ReLU →
+      Linear(L, L) → Sigmoid gives L weights; output = Σ weight · level. No levels: the base alone (the original's
+      mode ``'0'``).
+
+    The original selects the levels with a mode string (``'2_4_8_16'``, ``'2_8'``, … ``'0'``) and the fusion with
+    the model class; here ``levels`` and ``fusion`` are typed options. Like the original, every level's features and
+    refinement MLP (2, 4, 8, 16), and with adaptive fusion a fusion MLP for each of 2 … 5 inputs, are allocated
+    whatever the choice (``allocate_all_levels``), so parameter counts match it: 3,452,885 per mouse at N = 7,863
+    with mean fusion, 136 more with adaptive fusion. Unused parts receive no gradient (only AdamW's decay), which
+    ``allocate_all_levels=False`` avoids (e.g. for DDP without ``find_unused_parameters``). Other differences: any
+    number of frames works (the original reshapes with a hard-coded 15), the shift is optional (without it the levels
+    are undefined in the original), and the bias starts at ``neurons.mean_responses`` as in ``GaussianReadout``.
 
     Args:
         in_shape: ``(C, H, W)`` of the core's features.

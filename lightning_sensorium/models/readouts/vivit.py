@@ -1,24 +1,9 @@
-"""ViV1T's Gaussian readout: the full-Gaussian readout plus a behaviour state encoder (docs/models.md: ViV1T).
+"""ViV1T's Gaussian readout: the full-Gaussian readout plus a behaviour state encoder.
 
 Port of ``Gaussian2DReadout`` of https://github.com/bryanlimy/ViV1T/blob/main/src/viv1t/model/readout/gaussian2d.py
-(``--readout=gaussian2d``, ``readout_grid_mode=1``, ``readout_bias_mode=2``, ``gaussian_type='full'``). Everything
-but the state encoder is :class:`~lightning_sensorium.models.readouts.gaussian.GaussianReadout`, which matches the
-original: μ = Linear(2, 30) → ELU → Linear(30, 2) → Tanh of the centred, max-normalised cortical (x, y); σ a full
-2×2 per neuron, U(−1, 1); features ``1/C``; bias = the neuron's mean response; a fresh position sample per
-(batch · frame) in training, μ in eval; the shift added after the clamp; ``grid_sample(align_corners=True)``.
-
-State encoder: the 4 signals of each frame ``[pupil size, running speed, pupil x, pupil y]`` (the original's
-``concat(behaviors, pupil_centers)`` of the last T frames) → Linear(4, C) → LayerNorm → GELU → Dropout → Linear(C, C)
-→ Tanh, a C-vector per (batch · frame) that is *added to the sampled feature vector of every neuron* before the
-feature dot product::
-
-    y[b, n, t] = Σ_c (F[b, c, t, grid_n] + s[b, t, c]) · w[c, n] + bias_n
-
-so behaviour modulates each neuron by ``Σ_c s_c w_cn``, through the neuron's own feature weights. With C = 112 the
-encoder has 13 440 parameters per mouse.
-
-Difference from the original: the bias starts at the mean over all training frames (as our GaussianReadout),
-not the mean of 3 training batches.
+(``--readout=gaussian2d``, ``readout_grid_mode=1``, ``readout_bias_mode=2``, ``gaussian_type='full'``). The state
+encoder and its one difference from the original: :class:`ViViTGaussianReadout`; the recipe: docs/models.md,
+"ViV1T (3rd place): factorized video transformer + Gaussian readout with a behaviour state encoder".
 """
 
 from __future__ import annotations
@@ -30,7 +15,23 @@ from lightning_sensorium.models.readouts.gaussian import GaussianReadout
 
 
 class ViViTGaussianReadout(GaussianReadout):
-    """:class:`GaussianReadout` whose sampled features are shifted by an encoding of the behaviour (see above).
+    """:class:`GaussianReadout` whose sampled features are shifted by an encoding of the behaviour.
+
+    Everything but the state encoder is :class:`GaussianReadout`, which matches the original: μ = Linear(2, 30) →
+    ELU → Linear(30, 2) → Tanh of the centred, max-normalised cortical (x, y); σ a full 2×2 per neuron, U(−1, 1);
+    features ``1/C``; bias = the neuron's mean response; a fresh position sample per (batch · frame) in training, μ
+    in eval; the shift added after the clamp; ``grid_sample(align_corners=True)``.
+
+    State encoder: the 4 signals of each frame ``[pupil size, running speed, pupil x, pupil y]`` (the original's
+    ``concat(behaviors, pupil_centers)`` of the last T frames) → Linear(4, C) → LayerNorm → GELU → Dropout →
+    Linear(C, C) → Tanh, a C-vector per (batch · frame) that is *added to the sampled feature vector of every
+    neuron* before the feature dot product::
+
+        y[b, n, t] = Σ_c (F[b, c, t, grid_n] + s[b, t, c]) · w[c, n] + bias_n
+
+    so behaviour modulates each neuron by ``Σ_c s_c w_cn``, through the neuron's own feature weights. With C = 112
+    the encoder has 13 440 parameters per mouse. Difference from the original: the bias starts at the mean over all
+    training frames (as ``GaussianReadout``), not the mean of 3 training batches.
 
     Args:
         in_shape: ``(C, H, W)`` of the core's features.

@@ -1,4 +1,5 @@
-"""`lightning-sensorium predict`: predictions of a checkpoint (or ensemble) for any tier, or for new stimuli.
+"""`lightning-sensorium infer`: predictions of a checkpoint (or ensemble) for any tier, or for new stimuli, streamed
+into a zarr store (the inference policy itself, windows and phases, is :mod:`lightning_sensorium.predictors`).
 
 * Tiers (hidden test tiers included): whole trials read from the stores, written by
   :class:`~lightning_sensorium.callbacks.prediction_writer.ZarrPredictionWriter` batch by batch.
@@ -35,7 +36,7 @@ BEHAVIOR_SUFFIX = ".behavior.npy"
 PUPIL_SUFFIX = ".pupil_center.npy"
 
 
-def run_prediction(
+def run_predict_loop(
     model: L.LightningModule,
     loader: Any,
     callbacks: Sequence[L.Callback],
@@ -59,7 +60,7 @@ def run_prediction(
         trainer.predict(model, dataloaders=loader, return_predictions=False)
 
 
-def predict_tiers(
+def infer_tiers(
     ckpt_paths: Sequence[str | Path],
     out: str | Path,
     *,
@@ -70,12 +71,12 @@ def predict_tiers(
     progress: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Predict whole trials of ``tiers`` (default: the datamodule's ``predict_tiers``) into the zarr store ``out``."""
+    """Predict whole trials of ``tiers`` (default: the datamodule's ``infer_tiers``) into the zarr store ``out``."""
     from lightning_sensorium.callbacks.prediction_writer import ZarrPredictionWriter, tier_layouts
     from lightning_sensorium.ensemble import load_ensemble
 
     model, dm = load_ensemble(ckpt_paths, data)
-    tiers = list(tiers or dm.predict_tiers)
+    tiers = list(tiers or dm.infer_tiers)
     layouts = tier_layouts(dm, tiers, max_trials)
     if not layouts:
         raise ValueError(f"tiers {tiers}: the selected mice have no trial in these tiers")
@@ -83,7 +84,7 @@ def predict_tiers(
         str(out), overwrite=overwrite, layouts=layouts, attrs={"checkpoints": model.checkpoints, "data_root": dm.root}
     )
     writer.check_target()
-    run_prediction(
+    run_predict_loop(
         model, dm.trial_loader(tiers, skip_hidden=False, max_trials=max_trials), [writer], accelerator, progress
     )
     return Path(out)
@@ -262,7 +263,7 @@ class _StimulusBatches(Dataset):
         return self.inputs(self.stimuli[index], index)
 
 
-def predict_stimuli(
+def infer_stimuli(
     ckpt_paths: Sequence[str | Path],
     stimulus: str | Path,
     out: str | Path,
@@ -303,5 +304,5 @@ def predict_stimuli(
     )
     writer.check_target()
     loader = DataLoader(_StimulusBatches(stimuli, inputs), batch_size=None)
-    run_prediction(model, loader, [writer], accelerator, progress)
+    run_predict_loop(model, loader, [writer], accelerator, progress)
     return Path(out)

@@ -13,8 +13,8 @@ from lightning_sensorium.callbacks.prediction_writer import read_predictions
 from lightning_sensorium.cli import main
 from lightning_sensorium.data.datamodule import SensoriumDataModule
 from lightning_sensorium.data.normalization import Normalizer
+from lightning_sensorium.inference import Stimulus, StimulusInputs
 from lightning_sensorium.launch import run_lightning, with_experiment_defaults
-from lightning_sensorium.prediction import Stimulus, StimulusInputs
 from tests.test_evaluate import EXPERIMENTS, TINY_FIT, fitted
 
 LOST = 18  # leading frames the tiny factorized core cannot predict
@@ -78,7 +78,7 @@ def test_lightning_predict_with_writer_callback(fits: dict[str, Any], tiny_store
         str(tmp_path),
         "--trainer.callbacks+=lightning_sensorium.callbacks.prediction_writer.ZarrPredictionWriter",
     ]
-    args += [f"--trainer.callbacks.out={out}", "--data.predict_tiers", "[live_test_main]"]
+    args += [f"--trainer.callbacks.out={out}", "--data.infer_tiers", "[live_test_main]"]
     run_lightning(with_experiment_defaults(args))
     preds = read_predictions(out)
     dm = SensoriumDataModule(root=str(tiny_stores), frames=24)
