@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_sensorium import __version__
+from lightning_sensorium.atomic import DiskFullError
 
 #: Subcommands handled by LightningCLI.
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -65,6 +66,41 @@ def _run_synth(ns: argparse.Namespace) -> int:
     for s in sessions:
         print(s)
     return 0
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="read every chunk and statistic of converted stores and report what is damaged",
+        description=(
+            "Check converted stores: metadata and small arrays readable, every trial chunk of videos, responses and "
+            "ground-truth rates present, full-sized, finite and equal to the checksum recorded at conversion, "
+            "statistics finite. Exit 0 when every store is intact, 1 otherwise."
+        ),
+    )
+    p.add_argument("stores", nargs="+", metavar="STORE", help="<mouse_id>.zarr store folder(s) or URL(s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_verify)
+
+
+def _run_verify(ns: argparse.Namespace) -> int:
+    from lightning_sensorium.data.verify import verify
+
+    reports = verify(ns.stores, progress=not ns.quiet)
+    for r in reports:
+        if r.ok:
+            sums = "checksums match" if r.checksums else "no checksums recorded (converted before format 4)"
+            print(f"ok      {r.path}: {r.chunks} trial chunks, {sums}")
+            continue
+        print(f"DAMAGED {r.path}:")
+        for problem in r.problems:
+            print(f"  - {problem}")
+        if r.unlisted:
+            print(f"  ... and {r.unlisted} more")
+    damaged = sum(not r.ok for r in reports)
+    if damaged:
+        print(f"{damaged} of {len(reports)} store(s) damaged: convert their sessions again (`{PROG} convert ...`)")
+    return 1 if damaged else 0
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -376,6 +412,7 @@ def _run_sweep(ns: argparse.Namespace) -> int:
 _OWN_SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "synth": _add_synth,
     "convert": _add_convert,
+    "verify": _add_verify,
     "evaluate": _add_evaluate,
     "infer": _add_infer,
     "submit": _add_submit,
@@ -434,7 +471,7 @@ def main(args: Sequence[str] | None = None) -> Any:
         return 0 if not argv else 2
     try:
         code = ns.handler(ns)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except (FileExistsError, FileNotFoundError, ValueError, DiskFullError) as err:
         # Bad input: one clear line naming the file/field, no traceback.
         print(f"{PROG} {argv[0]}: error: {err}", file=sys.stderr)
         code = 2

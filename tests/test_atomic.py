@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lightning_sensorium.atomic import atomic_dir, place, remove, temporary_sibling, write_text_atomic
+from lightning_sensorium.atomic import DiskFullError, atomic_dir, place, remove, temporary_sibling, write_text_atomic
 
 
 class Boom(Exception):
@@ -143,3 +144,74 @@ def test_remove(tmp_path: Path) -> None:
     for name in ("l", "d", "f", "missing"):
         remove(tmp_path / name)
     assert _names(tmp_path) == []
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    """A killed writer leaves its temporary; the next writer of the same destination removes it, and only it."""
+    dest = tmp_path / "store.zarr"
+    live = temporary_sibling(dest)  # this process: alive
+    host = live.name.split("-")[1]
+    dead = tmp_path / f".store.zarr.tmp-{host}-{_dead_pid()}-0123abcd"
+    dead.mkdir()
+    (dead / "big").write_bytes(b"x" * 100)
+    other_host = tmp_path / f".store.zarr.tmp-ffffffff-{_dead_pid()}-0123abcd"  # another host's: not ours to judge
+    other_host.mkdir()
+    unrelated = tmp_path / ".other.zarr.tmp-x"
+    unrelated.mkdir()
+    with atomic_dir(dest) as tmp:
+        (tmp / "a").write_text("1")
+    assert not dead.exists()
+    assert live.exists() and other_host.exists() and unrelated.exists()
+    assert (dest / "a").read_text() == "1"
+
+
+def test_too_little_free_space_is_one_error_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_sensorium import atomic
+
+    dest = tmp_path / "store.zarr"
+    with pytest.raises(atomic.DiskFullError) as err, atomic_dir(dest, needed=2**62):
+        raise AssertionError("the block must not run")
+    assert str(err.value).startswith(f"{dest}: needs 4294967296.0 GiB on {tmp_path}, which has ")
+    assert _names(tmp_path) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root on Linux); skipped where it cannot be mounted."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_disk_that_fills_up_is_one_error_and_leaves_nothing(tiny_disk: Path) -> None:
+    dest = tiny_disk / "out.zarr"
+    full = rf"^{dest}: the disk is full \(0 MiB free\); free some space$"
+    with pytest.raises(DiskFullError, match=full), atomic_dir(dest) as tmp:
+        (tmp / "big").write_bytes(b"x" * 2**21)
+    assert _names(tiny_disk) == []
+
+
+def test_convert_on_a_full_disk_says_so_in_one_line(
+    tiny_release: Path, tiny_disk: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_sensorium.cli import main
+    from tests.conftest import sessions
+
+    assert main(["convert", str(sessions(tiny_release)[0]), "--out", str(tiny_disk), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "convert: error:" in err and "needs" in err and "free some space" in err
+    assert _names(tiny_disk) == []

@@ -19,7 +19,7 @@ import zarr
 
 from lightning_sensorium.atomic import atomic_dir, remove
 from lightning_sensorium.data.release import ConversionError, Session, SessionPlan, find_sessions, validate
-from lightning_sensorium.data.store_writer import CREATED_BY, FORMAT_VERSION, NotGreyLevels, write_store
+from lightning_sensorium.data.store_writer import CREATED_BY, FORMAT_VERSION, NotGreyLevels, store_bytes, write_store
 
 
 def _fingerprint(session: Session) -> str:
@@ -76,7 +76,7 @@ def _write_atomically(session: Session, plan: SessionPlan, dest: Path, fingerpri
             bar.update(task, advance=1)
 
     try:
-        with atomic_dir(dest, overwrite=True) as tmp:
+        with atomic_dir(dest, overwrite=True, needed=store_bytes(plan)) as tmp:
             try:
                 write_store(session, plan, tmp, np.uint8, fingerprint, tick)
             except NotGreyLevels:  # the videos are not integer grey levels after all: keep them as float32

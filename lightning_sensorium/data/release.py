@@ -9,6 +9,7 @@ conversion stops before writing anything. The layout is in :mod:`lightning_senso
 from __future__ import annotations
 
 import io
+import logging
 import os
 import zipfile
 from collections.abc import Sequence
@@ -33,6 +34,9 @@ _EXPECTED_SHAPES = {  # time last, as in the release (for error messages)
     "behavior": "(2, T_pad)",
     "pupil_center": "(2, T_pad)",
 }
+
+
+log = logging.getLogger(__name__)
 
 
 class ConversionError(ValueError):
@@ -312,6 +316,43 @@ def validate(session: Session) -> SessionPlan:  # noqa: C901 - one linear list o
     if gt is not None:
         _validate_ground_truth(gt, n, (num_neurons, t_pad))
     return SessionPlan(tiers, unit_ids, coords, statistics, t_pad, height, width, gt)
+
+
+def check_trial_values(arrays: dict[str, np.ndarray], where: str, trial: int) -> None:
+    """Refuse values the release never holds, for one trial's arrays (time last): Inf anywhere, and a NaN with data
+    after it in the same key (a gap inside the trial, not the trailing padding; the partially NaN last frame of a
+    natural trial has no data after it). Warn (logging) when one key's NaN padding starts more than one frame before
+    another's data ends: the official rule then cuts the whole trial at that key's first NaN."""
+    ends: dict[str, int] = {}
+    for key, x in arrays.items():
+        flat = x.reshape(-1, x.shape[-1])  # (elements, T)
+        rel = f"{where}/data/{key}/{trial}.npy"
+        inf = np.isinf(flat).any(axis=0)
+        if inf.any():
+            raise ConversionError(f"{rel}: Inf at frame {int(np.argmax(inf))}; the release holds finite values")
+        nan = np.isnan(flat)
+        has_nan, has_data = nan.any(axis=0), (~nan).any(axis=0)  # (T,) each
+        if not has_nan.any():
+            continue  # no padding (behaviour, hidden all-zero responses)
+        first = int(np.argmax(has_nan))
+        if has_data[first + 1 :].any():
+            after = first + 1 + int(np.argmax(has_data[first + 1 :]))
+            raise ConversionError(
+                f"{rel}: NaN at frame {first} with data after it (frame {after}); the release pads trials with NaN "
+                "only after their end"
+            )
+        ends[key] = first
+    if ends and max(ends.values()) - min(ends.values()) > 1:
+        short = min(ends, key=ends.__getitem__)
+        log.warning(
+            "%s/data/%s/%d.npy: NaN from frame %d cuts the trial short (%s has data to frame %d)",
+            where,
+            short,
+            trial,
+            ends[short],
+            max(ends, key=ends.__getitem__),
+            max(ends.values()),
+        )
 
 
 def _load_npy(path: Path) -> np.ndarray:

@@ -9,8 +9,9 @@ contract".
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from functools import cached_property
+import time
+from collections.abc import Callable, Sequence
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,6 +21,15 @@ import zarr
 from lightning_sensorium.data.layout import DATA_KEYS, STATISTICS, TIERS
 
 _SMALL = ("length", "tier", "clip_id", "stimulus_type", "hidden", "trial_index", "unit_ids", "coordinates")
+#: Small arrays whose chunks are always written: zarr leaves a chunk equal to the fill value unwritten (an all-False
+#: ``hidden``, all-natural ``stimulus_type``), but no valid store has all-zero lengths, behaviour or neuron ids.
+_NEVER_FILL = ("length", "behavior", "pupil_center", "unit_ids")
+#: Seconds to wait before each retry of a remote read that failed with anything but "not found".
+RETRY_DELAYS = (0.5, 2.0, 8.0)
+
+
+class StoreError(ValueError):
+    """A store that cannot be read as written: a missing or short chunk, corrupt metadata, a server that fails."""
 
 
 class _RawLayout(NamedTuple):
@@ -34,6 +44,21 @@ class _RawLayout(NamedTuple):
 def is_url(path: str | Path) -> bool:
     """True for an fsspec URL (``http://``, ``s3://``, ``file://``, ...), False for a local path."""
     return "://" in str(path)
+
+
+def _with_retries(url: str, read: Callable[[], bytes]) -> bytes:
+    """``read()``, retried after :data:`RETRY_DELAYS` on any error but "not found" (a server that hiccups), then a
+    :class:`StoreError` naming the URL."""
+    for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+        try:
+            return read()
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # fsspec's HTTP errors come from aiohttp, timeouts from asyncio
+            if delay is None:
+                raise StoreError(f"{url}: read failed {attempt + 1} times ({type(err).__name__}: {err})") from err
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 class MouseStore:
@@ -57,7 +82,10 @@ class MouseStore:
         if not self.remote and not Path(self.path).is_dir():
             raise FileNotFoundError(f"{self.path}: no such store")
         self._handles: dict[str, Any] = {}
-        root = self._root()
+        try:
+            root = self._root()
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise StoreError(f"{self.path}: cannot read the store's metadata (zarr.json): {err}") from err
         attrs: dict[str, Any] = dict(root.attrs)
         missing = [k for k in ("mouse_id", "num_neurons", "num_trials", "format_version") if k not in attrs]
         if missing:
@@ -69,7 +97,7 @@ class MouseStore:
         self.t_pad: int = int(attrs["t_pad"])
         self.video_shape: tuple[int, int] = (int(attrs["height"]), int(attrs["width"]))
         self.has_ground_truth: bool = bool(attrs.get("has_ground_truth", False))
-        small = {k: np.asarray(root[k][...]) for k in _SMALL}
+        small = {k: self._read_whole(root, k) for k in _SMALL}
         self.length: np.ndarray = small["length"].astype(np.int64)  # (trial,) valid frames
         self.tier_code: np.ndarray = small["tier"]  # (trial,) int8
         self.tier_labels: list[str] = str(root["tier"].attrs["flag_meanings"]).split()
@@ -80,11 +108,25 @@ class MouseStore:
         self.trial_index: np.ndarray = small["trial_index"]  # (trial,) file number i of i.npy
         self.unit_ids: np.ndarray = small["unit_ids"]  # (neuron,)
         self.coordinates: np.ndarray = small["coordinates"]  # (neuron, 3)
-        self.behavior: np.ndarray = np.asarray(root["behavior"][...])  # (trial, frame, 2) small: kept in memory
-        self.pupil_center: np.ndarray = np.asarray(root["pupil_center"][...])  # (trial, frame, 2)
+        self.behavior: np.ndarray = self._read_whole(root, "behavior")  # (trial, frame, 2) small: kept in memory
+        self.pupil_center: np.ndarray = self._read_whole(root, "pupil_center")  # (trial, frame, 2)
 
     def __repr__(self) -> str:
         return f"MouseStore({self.path!r}: {self.num_trials} trials, {self.num_neurons} neurons)"
+
+    def _read_whole(self, root: zarr.Group, name: str) -> np.ndarray:
+        """A small array read whole, refusing missing chunks (zarr would fill them in silently) and corrupt ones."""
+        try:
+            arr = root[name]
+            if not self.remote and name in _NEVER_FILL and arr.nchunks_initialized < arr.nchunks:
+                raise StoreError(
+                    f"{self.path}/{name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks are missing"
+                )
+            return np.asarray(arr[...])
+        except StoreError:
+            raise
+        except Exception as err:  # zarr and its codecs raise many types (KeyError, RuntimeError from blosc, ...)
+            raise StoreError(f"{self.path}/{name}: cannot read ({type(err).__name__}: {err})") from err
 
     # ------------------------------------------------------------------------------------- per-process handles
     def __getstate__(self) -> dict[str, Any]:
@@ -153,8 +195,14 @@ class MouseStore:
             key = f"{name}/c/{trial}{layout.chunk_suffix}"
             todo.append((name, layout, key, start * layout.frame_bytes, (stop - start) * layout.frame_bytes))
         reader = self._read_remote if self.remote else self._read_local
-        for (name, layout, _, _, _), data in zip(todo, reader([(k, o, n) for _, _, k, o, n in todo]), strict=True):
+        for (name, layout, key, _, _), data in zip(todo, reader([(k, o, n) for _, _, k, o, n in todo]), strict=True):
             shape = (stop - start, *layout.trial_shape[1:])
+            if data is None and not (name == "responses" and self.hidden[trial]):
+                # Only the all-zero responses of hidden test trials are left unwritten by `convert`.
+                raise StoreError(
+                    f"{self.path}: the {name} chunk of trial {trial} ({key}) is missing; the store is incomplete: "
+                    "run `lightning-sensorium verify` on it and convert the session again"
+                )
             out[name] = np.zeros(shape, layout.dtype) if data is None else data.view(layout.dtype).reshape(shape)
         return out
 
@@ -181,7 +229,10 @@ class MouseStore:
                 while done < size:
                     n = os.preadv(handle, [buf.data[done:]], offset + done)
                     if n == 0:
-                        raise OSError(f"{self.path}/{key}: chunk shorter than expected ({offset + done} bytes)")
+                        raise StoreError(
+                            f"{self.path}/{key}: chunk shorter than expected ({offset + done} bytes, needed "
+                            f"{offset + size}); the store is damaged: convert the session again"
+                        )
                     done += n
                 results.append(buf)
             return results
@@ -198,15 +249,16 @@ class MouseStore:
             if size == 0:
                 results.append(np.empty(0, np.uint8))
                 continue
+            url = f"{self.path}/{key}"
             try:
-                data = fs.cat_file(f"{self.path}/{key}", start=offset, end=offset + size)
+                data = _with_retries(url, partial(fs.cat_file, url, start=offset, end=offset + size))
             except FileNotFoundError:
                 results.append(None)
                 continue
             if len(data) != size:  # the whole chunk came back
                 data = data[offset : offset + size]
             if len(data) != size:
-                raise OSError(f"{self.path}/{key}: expected {size} bytes at {offset}, got {len(data)}")
+                raise StoreError(f"{url}: expected {size} bytes at {offset}, got {len(data)}")
             results.append(np.frombuffer(data, np.uint8))
         return results
 

@@ -14,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,10 @@ from lightning_sensorium.data.content import (
 )
 from lightning_sensorium.data.layout import DATA_KEYS, MAX_FRAMES, STIMULUS_TYPES, TIER_LABELS
 from lightning_sensorium.data.normalization import response_precision
-from lightning_sensorium.data.release import Session, SessionPlan, load_rates
+from lightning_sensorium.data.release import Session, SessionPlan, check_trial_values, load_rates
 
 #: Bump when the store layout or a derived field changes; older stores are rebuilt only with ``overwrite``.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: every non-hidden trial chunk written, CRC-32 checksums of the trial chunks
 #: ``created_by`` attribute of the stores written here (the converter's module name when the format was fixed).
 CREATED_BY = "lightning_sensorium.data.convert"
 #: Small arrays are compressed. The big per-trial arrays (videos, responses, rates) are stored raw, one chunk per
@@ -99,9 +100,12 @@ def _create(
     dtype: Any = None,
     chunks: tuple[int, ...] | None = None,
     raw: bool = False,
+    write_empty_chunks: bool = False,
     **attrs: Any,
 ) -> zarr.Array:
-    """An array with ``dimension_names``; small ones (given as data) are written whole, one compressed chunk."""
+    """An array with ``dimension_names``; small ones (given as data) are written whole, one compressed chunk.
+    ``write_empty_chunks``: write chunks equal to the fill value too (zarr skips them by default), so that a missing
+    chunk file always means damage."""
     data = data_or_shape if isinstance(data_or_shape, np.ndarray) else None
     shape = data.shape if data is not None else tuple(data_or_shape)
     arr = group.create_array(
@@ -112,6 +116,7 @@ def _create(
         compressors=None if raw else _COMPRESSOR,
         dimension_names=list(dims),
         fill_value=0,
+        config={"write_empty_chunks": write_empty_chunks},
     )
     if data is not None and data.size:
         arr[...] = data
@@ -122,7 +127,24 @@ def _create(
 
 def _per_trial(group: zarr.Group, name: str, shape: tuple[int, ...], dims: list[str], dtype: Any) -> zarr.Array:
     """A big ``(trial, frame, *dims)`` array: uncompressed, one chunk per trial (one byte range per window)."""
-    return _create(group, name, shape, ["trial", "frame", *dims], dtype=dtype, chunks=(1, *shape[1:]), raw=True)
+    chunks = (1, *shape[1:])
+    return _create(
+        group, name, shape, ["trial", "frame", *dims], dtype=dtype, chunks=chunks, raw=True, write_empty_chunks=True
+    )
+
+
+def store_bytes(plan: SessionPlan) -> int:
+    """About the size a session's store takes (its uncompressed trial chunks; the rest is small): checked against
+    the free space before anything is written."""
+    n, t = plan.num_trials, plan.t_pad
+    per_frame = plan.height * plan.width + 4 * plan.num_neurons * (2 if plan.ground_truth is not None else 1)
+    return n * t * per_frame
+
+
+def chunk_checksum(trial_data: np.ndarray) -> int:
+    """CRC-32 of one trial's chunk as the store holds it (C order, little-endian): what ``verify`` recomputes."""
+    data = np.ascontiguousarray(trial_data, dtype=trial_data.dtype.newbyteorder("<"))
+    return zlib.crc32(data.tobytes())
 
 
 def _categorical(group: zarr.Group, name: str, values: Sequence[str], labels: Sequence[str]) -> None:
@@ -182,9 +204,11 @@ def write_store(  # noqa: C901 - one streaming pass over the trials, then the sm
     blocks = np.full((n, frames, BLOCKS[0] * BLOCKS[1]), np.nan, dtype=np.float32)
     types: list[str] = []
     moments = {"raw": _Moments(n_neurons), "normalized": _Moments(n_neurons)}
+    checksums = {name: np.zeros(n, dtype=np.uint32) for name in ("videos", "responses", "rates")}
 
     for i in range(n):
         arrays = {key: session.load(f"data/{key}/{i}.npy") for key in DATA_KEYS}  # time last
+        check_trial_values(arrays, session.where, i)
         length = valid_length(arrays, limit)
         lengths[i] = length
         r_src = arrays["responses"]
@@ -195,10 +219,12 @@ def write_store(  # noqa: C901 - one streaming pass over the trials, then the sm
         video = np.zeros((t_pad, h, w), dtype=video_dtype)
         video[:length] = v
         videos[i] = video
+        checksums["videos"][i] = chunk_checksum(video)
         r = np.zeros((t_pad, n_neurons), dtype=np.float32)
         r[:length] = r_src[:, :length].T  # (N, T) -> (T, N)
         if not hidden[i]:
             responses[i] = r
+            checksums["responses"][i] = chunk_checksum(r)
         behavior[i, :length] = arrays["behavior"][:, :length].T
         pupil[i, :length] = arrays["pupil_center"][:, :length].T
         frame_means[i, :length] = v.reshape(length, -1).mean(axis=1)
@@ -214,6 +240,7 @@ def write_store(  # noqa: C901 - one streaming pass over the trials, then the sm
             rt = np.zeros((t_pad, n_neurons), dtype=np.float32)
             rt[:length] = np.nan_to_num(gt[:, :length].T)
             rates[i] = rt
+            checksums["rates"][i] = chunk_checksum(rt)
         tick()
 
     def load_video(i: int) -> np.ndarray:
@@ -233,6 +260,11 @@ def write_store(  # noqa: C901 - one streaming pass over the trials, then the sm
     _categorical(root, "stimulus_type", types, STIMULUS_TYPES)
     _create(root, "unit_ids", plan.unit_ids, ["neuron"])
     _create(root, "coordinates", plan.coordinates, ["neuron", "axis"])
+
+    sums = root.create_group("checksums")
+    sums.attrs["algorithm"] = "zlib.crc32 of each trial's chunk bytes (C order, little-endian); 0 for unwritten chunks"
+    for name in ("videos", "responses", *(["rates"] if rates is not None else [])):
+        _create(sums, name, checksums[name], ["trial"])
 
     stat_dims = {
         "videos": ["frame", "height", "width"],
