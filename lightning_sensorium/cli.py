@@ -263,8 +263,14 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--track", choices=("main", "bonus"), default="main", help="competition track (default: main)")
     p.add_argument(
         "--scale-by-precision",
-        action="store_true",
-        help="multiply predictions by the per-frame response precision (for models trained on raw responses)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "predictions go on the competition's scale (raw responses × the official per-frame precision) by "
+            "default, as the checkpoints' data.normalization requires: raw and viv1t models are scaled frame by "
+            "frame, official ones never. --scale-by-precision insists on that scaling (an error for an official "
+            "model); --no-scale-by-precision writes a raw or viv1t model's own scale, unscaled"
+        ),
     )
     p.set_defaults(handler=_run_submit)
 
@@ -345,6 +351,58 @@ def _run_ensemble(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data.root", dest="root", help="folder or URL of <mouse_id>.zarr stores (needed to run)")
+    p.add_argument("--out", type=Path, help="run folder: members, ensemble metrics, submission (required)")
+    p.add_argument("--status", action="store_true", help="print the progress table and exit; runs nothing")
+    p.add_argument("--accelerator", default="auto", help="evaluation and submission accelerator (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while evaluating and submitting")
+
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pipeline",
+        help="a published model's whole pipeline: members, stages, ensemble, submission (resumable)",
+        description=(
+            "Run the pipeline of PIPELINE (pipelines/<model>.yaml): fit every member of every stage (folds x seeds, "
+            "a stage distilled from an earlier one), evaluate their ensemble and write the submission, each member "
+            "in its own folder under --out. Run it again after a kill: finished members are never fitted again, an "
+            "interrupted one resumes from its last.ckpt. Options after `--` go to every fit, e.g. "
+            "`-- --trainer.precision bf16-mixed`. File format and the published pipelines: docs/pipelines.md."
+        ),
+        usage=f"{PROG} pipeline PIPELINE --data.root STORES --out RUN_DIR [--status] [--accelerator A] [--quiet] "
+        "[-- FIT_OPTIONS]",
+    )
+    p.add_argument("pipeline_file", type=Path, metavar="PIPELINE", help="pipeline file, e.g. pipelines/viv1t.yaml")
+    _pipeline_options(p)
+    # Everything after PIPELINE: argparse cannot mix options after a positional with a `--` tail, so the options
+    # there are parsed by _run_pipeline.
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- FIT_OPTIONS", help="options for every fit")
+    p.set_defaults(handler=_run_pipeline)
+
+
+def _run_pipeline(ns: argparse.Namespace) -> int:
+    from lightning_sensorium.pipeline import load_pipeline, print_status, run_pipeline
+
+    rest = list(ns.rest)
+    split = rest.index("--") if "--" in rest else len(rest)
+    options, fit_args = rest[:split], rest[split + 1 :]
+    if options:
+        parser = argparse.ArgumentParser(prog=f"{PROG} pipeline", add_help=False)
+        _pipeline_options(parser)
+        parser.parse_args(options, namespace=ns)
+    if ns.out is None:
+        raise ValueError("--out: give the run folder (RUN_DIR) of the pipeline")
+    pipeline = load_pipeline(ns.pipeline_file)
+    if ns.status:
+        print_status(pipeline, ns.out)
+        return 0
+    if not ns.root:
+        raise ValueError("--data.root: give the folder of <mouse_id>.zarr stores to run the pipeline on")
+    run_pipeline(pipeline, ns.out, ns.root, fit_args, accelerator=ns.accelerator, progress=not ns.quiet)
+    return 0
+
+
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
@@ -418,6 +476,7 @@ _OWN_SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "submit": _add_submit,
     "score": _add_score,
     "ensemble": _add_ensemble,
+    "pipeline": _add_pipeline,
     "sweep": _add_sweep,
 }
 

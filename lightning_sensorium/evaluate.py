@@ -7,7 +7,10 @@ generator's noiseless rates with the recorded responses) and the fraction of it 
 evaluated as their ensemble (mean firing rate). Outputs: a terminal table, JSON, Markdown, TensorBoard (text,
 scalars, a per-stimulus-type bar chart and per-neuron correlation-vs-oracle scatter plots).
 
-The numbers come from :class:`~lightning_sensorium.scoring.TierScores`, which ``score`` uses for submission files too.
+The numbers come from :class:`~lightning_sensorium.scoring.TierScores`, which ``score`` uses for submission files too,
+and are on the competition's scale (raw responses × the official per-frame precision, no ReLU) whatever the
+checkpoints were trained on: the whole-trial batches carry those targets and the factor that takes a raw- or
+ViV1T-scale model's predictions there (:mod:`lightning_sensorium.data.normalization`).
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ into a zarr store (the inference policy itself, windows and phases, is :mod:`lig
   like that mouse's recorded trials: with its per-frame statistics where they exist (the first ≤ 300 frames) and
   their time average after that, so videos longer than the recordings work too.
 
-Predictions are on the model's scale (for ``normalization: official`` models: raw responses × per-frame precision,
-the competition's scale). Frames the core cannot predict (its temporal receptive field) are NaN.
+Predictions of tiers are on the competition's scale (raw responses × the official per-frame precision) whatever
+the model was trained on; predictions of user stimuli, which have no frame statistics, are on the model's own scale
+(:mod:`lightning_sensorium.data.normalization`). Frames the core cannot predict (its temporal receptive field) are
+NaN.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sensorium.callbacks.progress import quiet_console
-from lightning_sensorium.data.normalization import InputStatistics
+from lightning_sensorium.data.normalization import InputStatistics, Normalization, Normalizer
 from lightning_sensorium.data.store import MouseStore
 
 #: Suffixes of the optional per-video behaviour files in a stimulus folder.
@@ -181,42 +183,38 @@ class StimulusInputs:
 
     Args:
         store: the mouse whose statistics (and training means for missing behaviour) are used.
-        normalization: the checkpoint's ``data.normalization`` (``official`` or ``raw``).
+        normalization: the checkpoint's ``data.normalization`` (``official``, ``raw`` or ``viv1t``).
         input_statistics: the checkpoint's ``data.input_statistics`` (``per_frame`` or ``time_averaged``).
+        normalizer: the data module's normaliser of this mouse, to reuse its statistics (then ``normalization``
+            and ``input_statistics`` are its own); None: built from the two options.
     """
 
     def __init__(
-        self, store: MouseStore, normalization: str = "official", input_statistics: InputStatistics = "per_frame"
+        self,
+        store: MouseStore,
+        normalization: Normalization = "official",
+        input_statistics: InputStatistics = "per_frame",
+        normalizer: Normalizer | None = None,
     ) -> None:
-        self.store, self.normalization = store, normalization
+        self.store = store
+        self.normalization = normalizer.mode if normalizer is not None else normalization
         train = store.trials("train")
         if train.size == 0:
             train = np.arange(store.num_trials)
         valid = np.arange(store.t_pad)[None] < store.length[train][:, None]  # (trials, T_pad)
         self.mean_behavior = store.behavior[train][valid].mean(0).astype(np.float32)  # (2,)
         self.mean_pupil = store.pupil_center[train][valid].mean(0).astype(np.float32)  # (2,)
-        if normalization != "official":
+        #: The normaliser's per-frame input transform ``(x − shift) · gain`` over the frames that have statistics;
+        #: empty for ``raw``.
+        self.per_frame: dict[str, np.ndarray] = {}
+        if self.normalization == "raw":
             return
-        from lightning_sensorium.data.normalization import Normalizer
-
-        norm = Normalizer(store, "official", input_statistics)
-        stats = store.statistics
-        finite = np.ones(store.t_pad, dtype=bool)
-        for key in ("videos", "behavior", "pupil_center"):
-            for s in ("mean", "std"):
-                finite &= np.isfinite(stats[key][s].reshape(store.t_pad, -1)).all(1)
+        norm = normalizer if normalizer is not None else Normalizer(store, normalization, input_statistics)
         # Frames with statistics: the leading run of finite frames (≤ 300 in the release).
-        self.stat_frames = int(np.argmin(finite)) if not finite.all() else store.t_pad
+        self.stat_frames = norm.input_frames
         if self.stat_frames == 0:
             raise ValueError(f"{store.mouse_id}: the store has no frame with finite statistics")
-        f = slice(0, self.stat_frames)
-        self.per_frame = {
-            "video_mean": norm.video_mean[f],  # (F, H, W)
-            "video_inv_std": norm.video_inv_std[f],
-            "behavior_scale": norm.behavior_scale[f],  # (F, 2)
-            "pupil_mean": norm.pupil_mean[f],
-            "pupil_inv_std": norm.pupil_inv_std[f],
-        }
+        self.per_frame = {name: arr[: self.stat_frames] for name, arr in norm.inputs.items()}  # (F, ...)
 
     def _stat(self, name: str, frames: int) -> np.ndarray:
         """Per-frame statistic for ``frames`` frames: recorded ones, then their time average."""
@@ -237,10 +235,10 @@ class StimulusInputs:
         pupil = (np.broadcast_to(self.mean_pupil, (t, 2)) if stim.pupil_center is None else stim.pupil_center).astype(
             np.float32
         )
-        if self.normalization == "official":
-            video = (video - self._stat("video_mean", t)) * self._stat("video_inv_std", t)
-            behavior = behavior * self._stat("behavior_scale", t)
-            pupil = (pupil - self._stat("pupil_mean", t)) * self._stat("pupil_inv_std", t)
+        if self.per_frame:
+            video = (video - self._stat("video_shift", t)) * self._stat("video_gain", t)
+            behavior = (behavior - self._stat("behavior_shift", t)) * self._stat("behavior_gain", t)
+            pupil = (pupil - self._stat("pupil_shift", t)) * self._stat("pupil_gain", t)
         return {
             "mouse_id": self.store.mouse_id,
             "tier": "user",
@@ -287,7 +285,7 @@ def infer_stimuli(
             raise ValueError(f"mouse: choose the mouse whose neurons to predict, one of {dm.mouse_ids}")
         mouse = dm.mouse_ids[0]
     store = dm.stores[mouse]
-    inputs = StimulusInputs(store, dm.normalization, dm.input_statistics)
+    inputs = StimulusInputs(store, normalizer=dm.normalizers[mouse])
     for s in stimuli:
         check_stimulus(s, store.video_shape)  # every file checked before any prediction
     lengths = np.array([s.video.shape[0] for s in stimuli], dtype=np.int32)

@@ -1,10 +1,13 @@
 """Training losses of the original models, as small ``nn.Module``s chosen in YAML with ``class_path``.
 
 Every loss is called as ``loss(pred, target, mask, dataset_size[, batch_size])`` with ``pred`` and ``target``
-``(B, N, T)``, ``mask`` ``(B, T)`` (True on frames that count) and ``dataset_size`` the mouse's number of trials
-(the official baselines scale the loss by ``sqrt(dataset_size / batch_size)``); ``batch_size`` is the size of the
-whole batch when ``pred`` is one mouse's share of a mixed batch. The reduction interacts with the learning rate,
-so each model's recipe keeps its original reduction (docs/models.md: Windows, mixed batches and distillation).
+``(B, N, T)``, ``mask`` ``(B, T)`` (True on frames that count) and ``dataset_size`` the mouse's number of trials,
+the data module's ``dataset_sizes`` (the losses that scale multiply by ``sqrt(dataset_size / batch_size)``);
+``batch_size`` is the size of the whole batch when ``pred`` is one mouse's share of a mixed batch. Which trials the
+originals count differs: the starter kit every trial of the recording (``len(dataset)`` of a dataset holding all
+tiers, which its loaders sample by tier), ViV1T the trials it trains on (``len(train_ds[mouse].dataset)``). The
+reduction interacts with the learning rate, so each model's recipe keeps its original reduction (docs/models.md:
+Windows, mixed batches and distillation).
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ class PoissonLoss(nn.Module):
         reduction: ``sum`` over batch, neurons and frames (official baselines, Dynamic-V1FM), or ``sample_mean``:
             the mean over samples of per-sample sums (DwiseNeuro).
         scale_by_dataset: multiply by ``sqrt(dataset_size / batch_size)`` as the official trainer does
-            (https://github.com/ecker-lab/sensorium_2023/blob/main/sensorium/training/video_training_loop.py).
+            (``np.sqrt(len(dataloader[data_key].dataset) / args[0].shape[0])`` in
+            https://github.com/ecker-lab/sensorium_2023/blob/main/sensorium/training/video_training_loop.py: every
+            trial of the mouse's recording, the batch's windows).
         eps: added inside the log.
         clamp_target_min: clamp the targets from below first (0: DwiseNeuro's ReLU of the raw responses,
             ``src/responses.py``); None: targets as given.
@@ -79,7 +84,9 @@ class PoissonCorrelationLoss(nn.Module):
     * Poisson: ``Σ (ŷ + ε) − (y + ε) · log(ŷ + ε)`` over batch, neurons and frames (ε added to both, as there);
     * correlation: per neuron over all (batch × frame) points of the batch, with the population std
       (``(y − mean) / (std + ε)``); the term is ``Σ_n (1 − corr_n)`` (the original writes ``2 − (corr + 1)``);
-    * the sum of both × ``sqrt(dataset_size / batch_size)`` (``ds_scale=1``).
+    * the sum of both × ``sqrt(dataset_size / batch_size)`` (``ds_scale=1``; ``Criterion.scale_ds``): per mouse,
+      the trials the mouse trains on (``len(train_ds[mouse].dataset)``: its train tier, with ``ds_mode=3`` also
+      the old mice's test tiers) over the mouse's batch size.
 
     ``mask`` ``(B, T)`` restricts both terms to the frames that count. Same call signature as
     :class:`PoissonLoss`.

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -327,13 +328,28 @@ class MetricGroup(nn.Module):
         self.single = SingleTrialCorrelation(num_neurons, skip_frames=skip_frames)
         self.repeat = RepeatMetrics(num_neurons, num_clips=num_clips, skip_frames=skip_frames)
         self.ground_truth = SingleTrialCorrelation(num_neurons, skip_frames=skip_frames)
+        # 1 once updated with random windows of trials (update(repeats=False)); agreed across ranks in compute().
+        self.register_buffer("windows", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def update(
-        self, preds: Tensor, target: Tensor, clip_index: Tensor, lengths: Tensor, rates: Tensor | None = None
+        self,
+        preds: Tensor,
+        target: Tensor,
+        clip_index: Tensor,
+        lengths: Tensor,
+        rates: Tensor | None = None,
+        repeats: bool = True,
     ) -> None:
-        """Add whole trials: ``preds``, ``target`` and ``rates`` ``(B, N, T)``, finite on scored frames."""
+        """Add whole trials: ``preds``, ``target`` and ``rates`` ``(B, N, T)``, finite on scored frames.
+
+        ``repeats=False`` for windows cut at random places of their trials (the baselines' official validation
+        windows): the repeats of a clip then show different frames, so only the single-trial and ground-truth
+        correlations are kept, and :meth:`compute` leaves the repeat metrics out."""
         self.single.update(preds, target, lengths)
-        self.repeat.update(preds, target, clip_index, lengths)
+        if repeats:
+            self.repeat.update(preds, target, clip_index, lengths)
+        else:
+            self.windows.fill_(1)
         if rates is not None:
             self.ground_truth.update(rates, target, lengths)
 
@@ -343,7 +359,12 @@ class MetricGroup(nn.Module):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*compute.*before the ``update``.*")
             values: dict[str, Tensor] = {"single_trial_corr": self.single.compute()}
-            values.update(self.repeat.compute())
+            repeat = self.repeat.compute()
+            windows = self.windows.clone()
+            if dist.is_available() and dist.is_initialized():  # a rank that saw no trial of the group must agree
+                dist.all_reduce(windows, op=dist.ReduceOp.MAX)
+            if not bool(windows):
+                values.update(repeat)
             ground_truth = self.ground_truth.compute()
         if bool(self.ground_truth.n > 0):
             values["ground_truth_corr"] = ground_truth
@@ -352,6 +373,7 @@ class MetricGroup(nn.Module):
     def reset(self) -> None:
         for metric in (self.single, self.repeat, self.ground_truth):
             metric.reset()
+        self.windows.zero_()
 
 
 def summarise(per_tier: Mapping[str, Mapping[str, Mapping[str, Tensor]]]) -> dict[str, Any]:
@@ -367,7 +389,7 @@ def summarise(per_tier: Mapping[str, Mapping[str, Mapping[str, Tensor]]]) -> dic
         for name in names:
             vecs = {m: v[name].float() for m, v in per_mouse.items() if name in v}
             if name == "feve":
-                vecs = {m: v[name][per_mouse[m]["fev_mask"].bool()].float() for m, v in per_mouse.items()}
+                vecs = {m: v[name][v["fev_mask"].bool()].float() for m, v in per_mouse.items() if name in v}
             res["pooled"][name] = float(pooled_mean(vecs)) if any(v.numel() for v in vecs.values()) else math.nan
             for m, vec in vecs.items():
                 res["per_mouse"].setdefault(m, {})[name] = float(vec.mean()) if vec.numel() else math.nan

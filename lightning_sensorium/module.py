@@ -71,6 +71,8 @@ class SensoriumModule(L.LightningModule):
             frame phase with a ``frame_step`` > 1). See :class:`~lightning_sensorium.predictors.WholeTrialPredictor`.
         eval_stride: raw frames between the ends of consecutive windows; the last window ends at the last frame.
         eval_window_batch: at most this many windows go through the model at once (memory bound).
+        eval_tile_from: tile the windows instead of averaging them: each frame from this one on predicted by exactly
+            one window keeping its last ``eval_stride`` outputs (Dynamic-V1FM's submission: 50); None: averaged.
         frame_step: the model sees every ``frame_step``-th frame — linked from ``data.frame_step``.
         teachers: checkpoints whose predictions become extra targets (DwiseNeuro's distillation stage): for every
             training sample, the mean teacher prediction of each *other* mouse's neurons is a target of the student's
@@ -103,6 +105,7 @@ class SensoriumModule(L.LightningModule):
         eval_window: int | None = None,
         eval_stride: int = 1,
         eval_window_batch: int = 64,
+        eval_tile_from: int | None = None,
         frame_step: int = 1,
         teachers: list[str] | None = None,
         distill_ratio: float = 0.36,
@@ -133,8 +136,9 @@ class SensoriumModule(L.LightningModule):
         self.accumulate_over_mice = accumulate_over_mice
         self.monitor = monitor
         self.skip_frames = skip_frames
-        check_inference_policy(eval_window, eval_stride, eval_window_batch, frame_step)
+        check_inference_policy(eval_window, eval_stride, eval_window_batch, frame_step, eval_tile_from)
         self.eval_window, self.eval_stride, self.eval_window_batch = eval_window, eval_stride, eval_window_batch
+        self.eval_tile_from = eval_tile_from
         self.frame_step = frame_step
         if not 0.0 <= distill_ratio < 1.0:
             raise ValueError(f"model.distill_ratio must be in [0, 1), got {distill_ratio}")
@@ -210,7 +214,9 @@ class SensoriumModule(L.LightningModule):
     @property
     def whole_trial_predictor(self) -> WholeTrialPredictor:
         """This module's inference policy (``eval_window``, ``eval_stride``, ``frame_step``, ...) on :meth:`forward`."""
-        return WholeTrialPredictor(self, self.eval_window, self.eval_stride, self.eval_window_batch, self.frame_step)
+        return WholeTrialPredictor(
+            self, self.eval_window, self.eval_stride, self.eval_window_batch, self.frame_step, self.eval_tile_from
+        )
 
     def predict_whole_trials(self, batch: Mapping[str, Any]) -> Tensor:
         """Predictions for every frame of the batch's whole trials ``(B, N, T)``; frames without one are NaN."""
@@ -365,18 +371,30 @@ class SensoriumModule(L.LightningModule):
             self._setup_metrics("test")
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> Tensor | None:
-        """Score a batch of whole trials; returns its predictions ``(B, N, T)`` (for callbacks), None if unscored."""
+        """Score a batch of whole trials; returns its predictions ``(B, N, T)`` (for callbacks), None if unscored.
+
+        On the competition's scale whatever the model trains on: the batch's ``responses`` are raw × the official
+        per-frame precision, and its ``response_scale`` (applied by :meth:`predict_whole_trials`) takes a raw- or
+        ViV1T-scale model's predictions there (:class:`~lightning_sensorium.data.normalization.Normalizer`)."""
         if batch.get("padding"):  # a DDP rank's stand-in batch (datamodule.PaddedEvalSampler): not scored
             return None
         key = _metric_key(stage, batch["tier"], batch["mouse_id"])
         if key not in self.metrics:
             return None
         pred = self.predict_whole_trials(batch)  # (B, N, T)
-        lost = int(torch.isnan(pred[0, 0]).sum())
+        # Leading NaN of the first trial up to its own length (shorter trials of the batch are NaN past theirs).
+        lost = int(torch.isnan(pred[0, 0, : int(batch["length"][0])]).sum())
         if lost > self.skip_frames:
             raise ValueError(f"the core loses {lost} leading frames, more than the {self.skip_frames} skipped frames")
         pred = torch.nan_to_num(pred, nan=0.0)
-        self.metrics[key].update(pred, batch["responses"], batch["clip_index"], batch["length"], batch.get("rates"))
+        windows = "window_start" in batch  # random windows of trials (data.val_windows: official): no repeat metrics
+        if windows:  # for every mouse of the stage, also those this rank has not seen yet: the same logged keys
+            for other, group in self.metrics.items():
+                if other.startswith(f"{stage}::"):
+                    group.windows.fill_(1)
+        self.metrics[key].update(
+            pred, batch["responses"], batch["clip_index"], batch["length"], batch.get("rates"), repeats=not windows
+        )
         return pred
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:

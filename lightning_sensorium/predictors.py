@@ -3,9 +3,10 @@
 A *batch model* (a :class:`~lightning_sensorium.module.SensoriumModule`, or any callable on a batch) maps
 ``video (B, C, T, H, W)``, ``behavior`` and ``pupil_center`` ``(B, 2, T)`` to responses ``(B, N, T')`` of the last
 ``T'`` input frames. :class:`WholeTrialPredictor` turns it into a prediction for every frame of whole trials, under
-an inference policy: one pass, one pass per frame phase (:func:`predict_phases`) or sliding windows
-(:func:`predict_windows`, as https://github.com/lRomul/sensorium/blob/main/src/predictors.py). Frames that no pass
-predicts (the core's temporal receptive field) are NaN.
+an inference policy: one pass, one pass per frame phase (:func:`predict_phases`), sliding windows averaged where
+they overlap (:func:`predict_windows`, as https://github.com/lRomul/sensorium/blob/main/src/predictors.py) or
+windows tiled so each frame is predicted once (:func:`predict_tiles`, as Dynamic-V1FM's submission). Frames that no
+pass predicts (the core's temporal receptive field, the frames before a tiling starts) are NaN.
 """
 
 from __future__ import annotations
@@ -24,10 +25,28 @@ BatchModel = Callable[[Mapping[str, Any]], Tensor]
 MODEL_INPUTS = ("video", "behavior", "pupil_center")
 
 
-def check_inference_policy(eval_window: int | None, eval_stride: int, eval_window_batch: int, frame_step: int) -> None:
+def check_inference_policy(
+    eval_window: int | None,
+    eval_stride: int,
+    eval_window_batch: int,
+    frame_step: int,
+    eval_tile_from: int | None = None,
+) -> None:
     """Raise ValueError unless the policy predicts every frame a model can (see :class:`WholeTrialPredictor`)."""
     if eval_window is not None and eval_window < 1:
         raise ValueError(f"eval_window must be ≥ 1 or null, got {eval_window}")
+    if eval_tile_from is not None:
+        if eval_window is None or frame_step != 1:
+            raise ValueError(
+                f"eval_tile_from={eval_tile_from} tiles sliding windows of every frame: it needs an eval_window "
+                f"(got {eval_window}) and frame_step 1 (got {frame_step})"
+            )
+        if not 1 <= eval_stride <= eval_window or eval_tile_from < eval_window - eval_stride:
+            raise ValueError(
+                f"eval_tile_from={eval_tile_from}, eval_window={eval_window}, eval_stride={eval_stride}: tiles of "
+                f"eval_stride frames need 1 ≤ eval_stride ≤ eval_window and eval_tile_from ≥ eval_window − "
+                f"eval_stride (the first window must start at frame 0 or later)"
+            )
     if eval_stride < 1 or eval_window_batch < 1 or frame_step < 1:
         raise ValueError(
             f"eval_stride={eval_stride}, eval_window_batch={eval_window_batch} and frame_step={frame_step} must be ≥ 1"
@@ -56,6 +75,10 @@ class WholeTrialPredictor:
         eval_stride: raw frames between the ends of consecutive windows (DwiseNeuro 1, Dynamic-V1FM 15).
         eval_window_batch: at most this many windows go through the model at once (memory bound).
         frame_step: the model sees every ``frame_step``-th frame.
+        eval_tile_from: tile instead of averaging (:func:`predict_tiles`, Dynamic-V1FM's submission: 50): each
+            window keeps its last ``eval_stride`` outputs, the kept frames tile the trial from this frame on, and a
+            last window ending at the trial's last frame keeps the frames not yet predicted; each frame from this one
+            on is predicted exactly once, earlier ones are NaN. None: overlapping windows averaged.
     """
 
     def __init__(
@@ -65,11 +88,13 @@ class WholeTrialPredictor:
         eval_stride: int = 1,
         eval_window_batch: int = 64,
         frame_step: int = 1,
+        eval_tile_from: int | None = None,
     ) -> None:
-        check_inference_policy(eval_window, eval_stride, eval_window_batch, frame_step)
+        check_inference_policy(eval_window, eval_stride, eval_window_batch, frame_step, eval_tile_from)
         self.model = model
         self.eval_window, self.eval_stride, self.eval_window_batch = eval_window, eval_stride, eval_window_batch
         self.frame_step = frame_step
+        self.eval_tile_from = eval_tile_from
 
     def __call__(self, batch: Mapping[str, Any]) -> Tensor:
         scale = batch.get("response_scale")
@@ -78,6 +103,10 @@ class WholeTrialPredictor:
 
     def _predict_filled(self, batch: Mapping[str, Any]) -> Tensor:
         """Predictions ``(B, N, T)`` of trials that fill the batch's ``T`` frames, before the response scale."""
+        if self.eval_window is not None and self.eval_tile_from is not None:
+            return predict_tiles(
+                self.model, batch, self.eval_window, self.eval_stride, self.eval_tile_from, self.eval_window_batch
+            )
         if self.eval_window is not None:
             return predict_windows(
                 self.model, batch, self.eval_window, self.eval_stride, self.frame_step, self.eval_window_batch
@@ -209,6 +238,80 @@ def predict_windows(
     assert total is not None
     out = total / count.clamp(min=1).to(total.dtype)
     return out.masked_fill(count == 0, float("nan"))  # (B, N, T)
+
+
+def tile_windows(t: int, window: int, stride: int, first: int) -> list[tuple[int, int]]:
+    """The windows of :func:`predict_tiles` on a trial of ``t`` frames: ``(end, kept)`` per window, which covers
+    frames ``end − window + 1 … end`` and keeps its predictions of the last ``kept`` of them.
+
+    Tiles of ``stride`` frames from frame ``first`` on, each predicted by the window that ends at its last frame,
+    then one window ending at the last frame keeping what no tile covered. On a 299-frame trial with window 30,
+    stride 15, first 50 these are Dynamic-V1FM's windows: starts 35, 50, …, 260 (frames 50–289), and 269–298 keeping
+    290–298 (``submission_func/single_model_mainTrack.py``; its second window of frames 260–289 is computed there
+    and never used)."""
+    if t < window:
+        raise ValueError(f"a trial of {t} frames is shorter than one prediction window of {window} frames")
+    ends = list(range(first + stride - 1, t, stride))
+    covered = ends[-1] if ends else first - 1  # last frame a tile predicts
+    windows = [(e, stride) for e in ends]
+    if covered < t - 1:
+        windows.append((t - 1, t - 1 - covered))
+    if not windows:
+        raise ValueError(f"a trial of {t} frames has no frame from eval_tile_from={first} on to predict")
+    return windows
+
+
+def predict_tiles(
+    model: BatchModel,
+    batch: Mapping[str, Any],
+    window: int,
+    stride: int,
+    first: int,
+    window_batch: int = 64,
+) -> Tensor:
+    """Dynamic-V1FM's test-time tiling: every frame from ``first`` on predicted by exactly one window.
+
+    Windows of ``window`` frames (:func:`tile_windows`) each keep their last ``stride`` outputs (the last window
+    fewer), so the kept predictions tile the trial without overlap or averaging, as
+    https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/submission_func/single_model_mainTrack.py does (windows from
+    frame 35 every 15 frames, the last 15 of each 30-frame window's outputs kept). Frames before ``first`` are NaN.
+    At most ``window_batch`` windows go through the model at once.
+    """
+    video = batch["video"]
+    b, _, t = video.shape[:3]
+    windows = tile_windows(t, window, stride, first)
+    offsets = torch.arange(window, device=video.device) - (window - 1)  # (L,)
+    out: Tensor | None = None
+    per_pass = max(1, window_batch // b)
+    for i in range(0, len(windows), per_pass):
+        chunk = windows[i : i + per_pass]
+        ends = torch.tensor([e for e, _ in chunk], device=video.device)
+        kept = torch.tensor([k for _, k in chunk], device=video.device)  # (W,)
+        idx = ends[:, None] + offsets[None, :]  # (W, L) raw frame of each window frame
+        w = idx.shape[0]
+        windows_batch: dict[str, Any] = {"mouse_id": batch["mouse_id"]}
+        # (B, C, W, L, ...) → (B·W, C, L, ...): every window of every trial is one sample.
+        clip = video[:, :, idx]  # (B, C, W, L, H, W_px)
+        windows_batch["video"] = clip.transpose(1, 2).reshape(b * w, clip.shape[1], window, *clip.shape[4:])
+        for key in ("behavior", "pupil_center"):
+            if batch.get(key) is not None:
+                sig = batch[key][:, :, idx]  # (B, 2, W, L)
+                windows_batch[key] = sig.transpose(1, 2).reshape(b * w, sig.shape[1], window)  # (B·W, 2, L)
+        pred = model(windows_batch)  # (B·W, N, L')
+        n, l_out = pred.shape[1], pred.shape[2]
+        if l_out < stride:
+            raise ValueError(
+                f"the model predicts the last {l_out} frames of a {window}-frame window: tiles of eval_stride={stride} "
+                f"frames need at least {stride}"
+            )
+        pred = pred.reshape(b, w, n, l_out).permute(0, 2, 1, 3)  # (B, N, W, L')
+        keep = torch.arange(l_out, device=video.device)[None, :] >= l_out - kept[:, None]  # (W, L') the kept outputs
+        frames = idx[:, -l_out:][keep]  # (K,) raw frame of each kept output
+        if out is None:
+            out = pred.new_full((b, n, t), float("nan"))
+        out[:, :, frames] = pred[:, :, keep]  # (B, N, K)
+    assert out is not None
+    return out  # (B, N, T)
 
 
 def mean_where_predicted(predictions: Iterable[Tensor]) -> Tensor:

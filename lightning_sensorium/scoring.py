@@ -2,10 +2,11 @@
 
 :class:`TierScores` is the one place where predictions meet targets outside training: ``evaluate`` feeds it model
 predictions batch by batch, ``score`` feeds it the rows of a submission file, so the same predictions give the
-same numbers. Per (tier, mouse) — and, for bonus tiers or tiers mixing stimulus families, per (tier, stimulus
-type, mouse) — it keeps a :class:`~lightning_sensorium.metrics.MetricGroup`: single-trial correlation (the
-competition score), correlation to the repeat average, the leave-one-out oracle, FEVE, and on synthetic mice the
-ground-truth oracle (noiseless rates vs recorded responses). Pooled values are the official neuron-weighted mean.
+same numbers, both on the competition's scale (raw responses × the official per-frame precision). Per (tier,
+mouse) — and, for bonus tiers or tiers mixing stimulus families, per (tier, stimulus type, mouse) — it keeps a
+:class:`~lightning_sensorium.metrics.MetricGroup`: single-trial correlation (the competition score), correlation to
+the repeat average, the leave-one-out oracle, FEVE, and on synthetic mice the ground-truth oracle (noiseless rates
+vs recorded responses). Pooled values are the official neuron-weighted mean.
 
 :func:`score_submission` reads the parquet files that ``submit`` writes (or a zip of them, or the official
 ``generate_submission`` names) and scores them against stores whose test responses are known (synthetic mice, the

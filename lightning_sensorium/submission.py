@@ -1,6 +1,11 @@
 """`lightning-sensorium submit`: the competition's parquet files and zips, validated before anything is written.
 
-The format (names, columns, schema) is :mod:`lightning_sensorium.submission_format`'s. Main track:
+Predictions are on the competition's scale (raw responses × the official per-frame precision) by default,
+whatever the checkpoints were trained on: the whole-trial batches carry the factor that takes a raw- or
+ViV1T-scale model there (:mod:`lightning_sensorium.data.normalization`), as DwiseNeuro scaled its submission
+(``make_submission`` in https://github.com/lRomul/sensorium/blob/main/src/submission.py, with ``ResponseNormalizer``
+of ``src/responses.py``: +0.023 in its commit 20fd7a5). The format (names, columns, schema) is
+:mod:`lightning_sensorium.submission_format`'s. Main track:
 ``predictions_live_main.parquet.brotli`` + ``predictions_final_main.parquet.brotli`` in one zip, at its root; bonus
 track: ``predictions_live_test_bonus_ood.parquet.brotli`` and ``predictions_final_test_bonus_ood.parquet.brotli``,
 zipped separately (the site's upload size limit). pyarrow writes row group by row group, so memory stays bounded.
@@ -10,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +25,6 @@ import numpy as np
 from lightning_sensorium.atomic import place, remove, temporary_sibling
 from lightning_sensorium.callbacks.prediction_writer import BatchSink
 from lightning_sensorium.data.layout import SKIP_FRAMES
-from lightning_sensorium.data.normalization import response_precision
 from lightning_sensorium.data.store import MouseStore
 from lightning_sensorium.ensemble import load_ensemble
 from lightning_sensorium.inference import run_predict_loop
@@ -61,9 +64,9 @@ class SubmissionBuilder:
         out: output folder.
         stores: the mice to submit, by id.
         track: ``main`` or ``bonus``.
-        scale_by_precision: multiply predictions by the official per-frame response precision (for models trained
-            on raw responses, e.g. DwiseNeuro; the competition scores raw responses × precision).
         flush_rows: trials buffered before a parquet row group is written.
+
+    Predictions are written as given (:func:`submit` hands it predictions on the competition's scale).
     """
 
     def __init__(
@@ -71,7 +74,6 @@ class SubmissionBuilder:
         out: str | Path,
         stores: Mapping[str, MouseStore],
         track: Literal["main", "bonus"] = "main",
-        scale_by_precision: bool = False,
         flush_rows: int = 8,
     ) -> None:
         if track not in TRACK_TIERS:
@@ -88,9 +90,6 @@ class SubmissionBuilder:
         if not any(t == tier for t, _ in self.expected for tier in self.tiers):
             raise SubmissionError(f"no mouse of the data has {' or '.join(self.tiers)} trials")
         self.seen: dict[tuple[str, str], set[int]] = {k: set() for k in self.expected}
-        self.precision: dict[str, np.ndarray] = {}
-        if scale_by_precision:
-            self.precision = {m: response_precision(s.statistics["responses"]["std"]) for m, s in self.stores.items()}
         self.tmp = temporary_sibling(self.out)
         self.writers: dict[str, Any] = {}
         self.buffers: dict[str, list[tuple[str, int, np.ndarray, np.ndarray]]] = {t: [] for t in self.tiers}
@@ -115,8 +114,6 @@ class SubmissionBuilder:
         if pred.ndim != 2 or pred.shape[1] < int(length):
             raise SubmissionError(f"{where}: prediction {tuple(pred.shape)} does not cover the {length} frames")
         cols = pred[:, SKIP_FRAMES : int(length)]  # (N, length - 50): the official cut
-        if mouse in self.precision:
-            cols = cols * self.precision[mouse][SKIP_FRAMES : int(length)].T  # (T, N) -> (N, T)
         check_prediction(where, cols, store.num_neurons, frames)
         self.seen[tier, mouse].add(trial)
         self.buffers[tier].append((mouse, index, np.ascontiguousarray(cols, dtype=np.float32), store.unit_ids))
@@ -176,15 +173,44 @@ class SubmissionBuilder:
         remove(self.tmp)
 
 
-def _submission_writer(builder: SubmissionBuilder) -> Any:
-    """A Lightning prediction writer that hands every predicted trial to ``builder``."""
+def _submission_writer(builder: SubmissionBuilder, model_scale: bool = False) -> Any:
+    """A Lightning prediction writer that hands every predicted trial to ``builder``; ``model_scale``: divide the
+    predictions by the batch's ``response_scale`` (back to the model's own scale)."""
 
     def sink(prediction: Any, batch: Any) -> None:
-        pred = prediction["prediction"].float().cpu().numpy()  # (B, N, T)
+        pred = prediction["prediction"].float().cpu()  # (B, N, T)
+        if model_scale and batch.get("response_scale") is not None:
+            pred = pred / batch["response_scale"].float().cpu()
+        pred = pred.numpy()
         for b, (trial, length) in enumerate(zip(batch["trial"].tolist(), batch["length"].tolist(), strict=True)):
             builder.add(batch["mouse_id"], batch["tier"], trial, pred[b], length)
 
     return BatchSink(sink, on_error=builder.abort)
+
+
+def writes_model_scale(normalization: str, scale_by_precision: bool | None) -> bool:
+    """Whether ``submit`` writes the model's own scale (True) rather than the competition's (False).
+
+    ``scale_by_precision``: None (default) — the competition's scale, which the checkpoints' ``data.normalization``
+    decides: ``official`` models predict it already, ``raw`` and ``viv1t`` ones are scaled frame by frame; True —
+    require that scaling (an error for an ``official`` model, which would be scaled twice); False — the model's own
+    scale, unscaled (as DwiseNeuro before its commit 20fd7a5 and ViV1T's ``demo.ipynb`` submitted; for ``official``
+    models the same as the default).
+    """
+    if scale_by_precision and normalization == "official":
+        raise SubmissionError(
+            "--scale-by-precision: the checkpoint(s) were trained with data.normalization='official', whose "
+            "predictions are on the competition's scale already (scaling them again would square the precision); "
+            "it applies to data.normalization raw or viv1t"
+        )
+    if scale_by_precision is False and normalization != "official":
+        log.warning(
+            "--no-scale-by-precision: writing the predictions of a data.normalization=%s model on its own scale; "
+            "the competition scores raw responses × the per-frame precision (DwiseNeuro: −0.023 unscaled)",
+            normalization,
+        )
+        return True
+    return False
 
 
 def submit(
@@ -193,20 +219,16 @@ def submit(
     *,
     data: dict[str, Any] | None = None,
     track: Literal["main", "bonus"] = "main",
-    scale_by_precision: bool = False,
+    scale_by_precision: bool | None = None,
     accelerator: str = "auto",
     progress: bool = True,
 ) -> list[Path]:
-    """Predict every test trial of ``track`` with the (ensemble of) checkpoint(s) and write the submission."""
+    """Predict every test trial of ``track`` with the (ensemble of) checkpoint(s) and write the submission, on the
+    competition's scale unless ``scale_by_precision`` is False (:func:`writes_model_scale`)."""
     if track not in TRACK_TIERS:
         raise SubmissionError(f"track {track!r}: expected one of {sorted(TRACK_TIERS)}")
     model, dm = load_ensemble(ckpt_paths, data)
-    if scale_by_precision and dm.normalization == "official":
-        warnings.warn(
-            "scale_by_precision with a model trained on official (precision-scaled) responses scales twice; "
-            "it is meant for models trained with data.normalization=raw",
-            stacklevel=2,
-        )
+    model_scale = writes_model_scale(dm.normalization, scale_by_precision)
     tiers = TRACK_TIERS[track]
     mice = {m: s for m, s in dm.stores.items() if s.trials(list(tiers)).size}
     hidden = {m for m, s in mice.items() if s.hidden[s.trials(list(tiers))].any()}
@@ -217,12 +239,12 @@ def submit(
             sorted(set(mice) - hidden),
             sorted(hidden),
         )
-    builder = SubmissionBuilder(out, mice, track=track, scale_by_precision=scale_by_precision)
+    builder = SubmissionBuilder(out, mice, track=track)
     try:
         run_predict_loop(
             model,
             dm.trial_loader(list(tiers), skip_hidden=False),
-            [_submission_writer(builder)],
+            [_submission_writer(builder, model_scale)],
             accelerator=accelerator,
             progress=progress,
         )

@@ -215,3 +215,39 @@ def test_convert_on_a_full_disk_says_so_in_one_line(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "convert: error:" in err and "needs" in err and "free some space" in err
     assert _names(tiny_disk) == []
+
+
+def test_a_convert_killed_mid_write_is_cleaned_up_by_the_next_run(tiny_release: Path, tmp_path: Path) -> None:
+    """SIGKILL during `convert`: no store appears, only its temporary; the next `convert` removes that temporary
+    (its process is dead) and writes the store."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lightning_sensorium.data.convert import convert
+    from tests.conftest import sessions
+
+    session, out = sessions(tiny_release)[0], tmp_path / "out"
+    code = (
+        "import time\n"
+        "from lightning_sensorium.data import store_writer\n"
+        "from lightning_sensorium.data.convert import convert\n"
+        "original = store_writer.check_trial_values\n"
+        "def slow(*args):\n"
+        "    time.sleep(0.2)\n"
+        "    return original(*args)\n"
+        "store_writer.check_trial_values = slow\n"
+        f"convert([{str(session)!r}], {str(out)!r}, progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out.exists() and any(".tmp-" in p.name for p in out.iterdir())):
+        time.sleep(0.1)
+    time.sleep(1.0)  # well inside the write (0.2 s a trial)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = [p.name for p in out.iterdir()]
+    assert len(left) == 1 and ".tmp-" in left[0]  # the temporary, no store
+    (store,) = convert([session], out, progress=False)
+    assert _names(out) == [store.name]

@@ -175,6 +175,160 @@ def test_cutmix_is_deterministic() -> None:
         CutMix(alpha=0.0)
 
 
+class FreshWindows:
+    """A stand-in for the data module's windows: the k-th window read has video ≡ 100 + k and trial k; it records
+    the mouse each was read for."""
+
+    def __init__(self, neurons: dict[str, int], t: int = 3) -> None:
+        self.neurons, self.t = neurons, t
+        self.read: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, mouse: str, rng: np.random.Generator) -> dict[str, Any]:
+        k = len(self.read)
+        g = torch.Generator().manual_seed(100 + k)
+        sample = {
+            "mouse_id": mouse,
+            "trial": k,
+            "video": torch.full((1, self.t, H, W), 100.0 + k),  # (1, T, H, W)
+            "behavior": torch.rand(2, self.t, generator=g),
+            "pupil_center": torch.rand(2, self.t, generator=g),
+            "responses": torch.rand(self.neurons[mouse], self.t, generator=g) - 0.3,  # some below 0
+        }
+        self.read.append((mouse, sample))
+        return sample
+
+
+def test_cutmix_box_on_the_padded_canvas() -> None:
+    """DwiseNeuro draws the box on its 64 × 64 zero-padded input (rows 14–49 hold the 36 frame rows): the pasted
+    pixels are the box's part on the frame, the targets are mixed by the box's share of the canvas."""
+    canvas_rows = set()
+    padding_only = 0
+    for seed in range(30):
+        before = _batch("m", 8)
+        source = FreshWindows({"m": 5})
+        after = cutmix_batch(
+            _clone(before), np.random.default_rng(seed), prob=1.0, canvas=(64, 64), fresh_window=source
+        )
+        trials = after["cutmix_partner_trial"].tolist()
+        for i in range(8):
+            y1, y2, x1, x2 = after["cutmix_box"][i].tolist()
+            assert 0 <= y1 <= y2 <= 64 and 0 <= x1 <= x2 <= 64
+            frac = (y2 - y1) * (x2 - x1) / 64**2
+            assert float(after["cutmix_fraction"][i]) == pytest.approx(frac)
+            pasted = after["video"][i, 0, 0] != i + 1  # (H, W)
+            fy1, fy2 = min(max(y1 - 14, 0), H), min(max(y2 - 14, 0), H)
+            want = torch.zeros(H, W, dtype=torch.bool)
+            want[fy1:fy2, x1:x2] = True
+            assert torch.equal(pasted, want)
+            if frac == 0:
+                assert trials[i] == -1 and torch.equal(after["responses"][i], before["responses"][i])
+                continue
+            partner = source.read[trials[i]][1]
+            assert bool((after["video"][i][:, :, want] == partner["video"][:, :, want]).all())
+            canvas_rows.update((y1, y2))
+            padding_only += int(frac > 0 and not want.any())
+    assert min(canvas_rows) < 14 and max(canvas_rows) > 50  # boxes reach into the padding above and below
+    assert padding_only > 0  # a box wholly in the padding pastes nothing and still mixes the targets
+
+
+def test_cutmix_fresh_partners_mix_every_sample_with_its_own_mouse() -> None:
+    """Partners are fresh windows of the same mouse, so every sample can be mixed (the only sample of mouse c
+    too); targets, behaviour and pupil centre are mixed by the box's area, the targets ReLU'd first."""
+    mice = ["a", "b", "a", "b", "a", "c", "b", "a"]
+    neurons = {"a": 3, "b": 5, "c": 2}
+    mixed_c = 0
+    for seed in range(10):
+        before = _batch(mice, len(mice), neurons)
+        source = FreshWindows(neurons)
+        after = cutmix_batch(
+            _clone(before),
+            np.random.default_rng(seed),
+            prob=1.0,
+            canvas=(64, 64),
+            fresh_window=source,
+            clamp_responses_min=0.0,
+        )
+        fractions = after["cutmix_fraction"].tolist()
+        trials = after["cutmix_partner_trial"].tolist()
+        assert (after["cutmix_partner"] == -1).all()  # no partner in the batch
+        assert [k for k in trials if k >= 0] == list(range(len(source.read)))  # one fresh window per mixed sample
+        for i, (f, k) in enumerate(zip(fractions, trials, strict=True)):
+            assert (k >= 0) == (f > 0)
+            own = before["responses"][i].clamp(min=0)
+            if f == 0:
+                torch.testing.assert_close(after["responses"][i], own)
+                continue
+            mouse, partner = source.read[k]
+            assert mouse == mice[i]
+            want = (1 - f) * own + f * partner["responses"].clamp(min=0)
+            torch.testing.assert_close(after["responses"][i], want, rtol=1e-6, atol=1e-7)
+            for key in ("behavior", "pupil_center"):
+                torch.testing.assert_close(after[key][i], (1 - f) * before[key][i] + f * partner[key])
+            mixed_c += int(mice[i] == "c")
+        assert sum(f > 0 for f in fractions) >= 6  # prob 1: nearly all (a box can be too thin to hold a pixel)
+    assert mixed_c >= 5
+    # prob 0.5: about half the samples, each with a fresh window; the same draws give the same mix.
+    share = np.mean(
+        [
+            float(
+                (
+                    cutmix_batch(_batch("m", 8), np.random.default_rng(s), fresh_window=FreshWindows({"m": 5}))[
+                        "cutmix_fraction"
+                    ]
+                    > 0
+                )
+                .float()
+                .mean()
+            )
+            for s in range(40)
+        ]
+    )
+    assert 0.35 < share < 0.6
+    one, two = (
+        cutmix_batch(_batch(mice, 8, neurons), np.random.default_rng(3), fresh_window=FreshWindows(neurons))
+        for _ in range(2)
+    )
+    assert torch.equal(one["video"], two["video"]) and torch.equal(one["cutmix_box"], two["cutmix_box"])
+
+
+def test_cutmix_reads_fresh_windows_through_the_data_module(tiny_stores: Path) -> None:
+    """``partner: fresh_window`` reads a training window of the same mouse from the trainer's data module."""
+    from types import SimpleNamespace
+
+    from lightning_sensorium.data.datamodule import SensoriumDataModule
+
+    dm = SensoriumDataModule(root=str(tiny_stores), frames=8, batch_size=6, batch_mode="mixed")
+    batch = next(iter(dm.train_dataloader()))
+    cb = CutMix(prob=1.0, seed=1, partner="fresh_window", canvas=(64, 64))
+    source = cb.window_source(SimpleNamespace(datamodule=dm))  # type: ignore[arg-type]
+    assert source is not None
+    read: list[tuple[str, dict[str, Any]]] = []
+    before = _clone(batch)
+    after = cutmix_batch(
+        batch,
+        cb.generator(0, 0, 0),
+        prob=1.0,
+        canvas=(64, 64),
+        fresh_window=lambda m, r: read.append((m, source(m, r))) or read[-1][1],
+    )
+    k = 0
+    for i, trial in enumerate(after["cutmix_partner_trial"].tolist()):
+        if trial < 0:
+            continue
+        mouse, sample = read[k]
+        k += 1
+        assert mouse == before["mouse_id"][i] and sample["trial"] == trial
+        assert trial in dm._train_trials[mouse]
+        assert sample["video"].shape == before["video"][i].shape
+        pasted = after["video"][i] != before["video"][i]
+        assert bool((after["video"][i][pasted] == sample["video"][pasted]).all())
+    assert k == len(read) >= 4
+    with pytest.raises(TypeError, match="SensoriumDataModule"):
+        cb.window_source(SimpleNamespace(datamodule=None))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="larger than the canvas"):
+        cutmix_batch(_batch("m", 2), np.random.default_rng(0), canvas=(32, 64))
+
+
 # ------------------------------------------------------------------------------------------------------------- EMA
 class Toy(L.LightningModule):
     """Linear → BatchNorm → Linear regression; records the weights every validation step sees."""
@@ -496,6 +650,148 @@ def test_plateau_restore_can_reset_decays_on_improvement() -> None:
     lrs, _, stopped, reset = _plateau_run(values, max_decays=1, reset_decays_on_improvement=True)
     assert not stopped and reset.decays == 1  # ViV1T's: each improvement gave the budget back
     assert lrs[-1] == pytest.approx(0.125)
+
+
+def _schedule(values: list[float], **kwargs: Any) -> tuple[list[float], list[int], int | None]:
+    """Drive PlateauRestore with ``values``, one per epoch (the weight holds the epoch number before validation, so a
+    restore reveals the epoch restored). Returns (lr after each epoch, epochs whose weights were restored, the stop
+    epoch or None); epochs count from 1."""
+    from types import SimpleNamespace
+
+    module = nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.005)
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={}, optimizers=[optimizer], should_stop=False)
+    cb = PlateauRestore(**kwargs)
+    lrs, restored = [], []
+    for epoch, v in enumerate(values, start=1):
+        with torch.no_grad():
+            module.weight.fill_(epoch)
+        trainer.callback_metrics = {"val/single_trial_corr": torch.tensor(v)}
+        cb.on_validation_end(trainer, module)  # type: ignore[arg-type]
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if float(module.weight.detach()) != epoch:
+            restored.append(epoch)
+        if trainer.should_stop:
+            return lrs, restored, epoch
+    return lrs, restored, None
+
+
+def _starter_kit(
+    values: list[float], lr_decay_steps: int = 4, patience: int = 5
+) -> tuple[list[float], list[int], int | None]:
+    """The starter kit's loop replayed: neuralpredictors ``early_stopping`` (interval 1, tolerance 1e-6) driving a
+    real torch ``ReduceLROnPlateau`` (factor 0.3, min_lr 1e-4, threshold_mode abs), as ``standard_trainer`` builds
+    them. The untrained model's objective (epoch 0) is below every value here, as ours has none."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.005)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=0.3, patience=patience, threshold=1e-6, min_lr=1e-4, threshold_mode="abs"
+    )
+    lrs: list[float] = []
+    restored: list[int] = []
+    epoch, best = 0, -1.0
+    for _repeat in range(lr_decay_steps):
+        patience_counter = 0
+        while patience_counter < patience and epoch < len(values):
+            epoch += 1
+            current = values[epoch - 1]
+            scheduler.step(current)
+            if -current < -best - 1e-6:
+                best, patience_counter = current, 0
+            else:
+                patience_counter += 1
+            lrs.append(optimizer.param_groups[0]["lr"])
+        if patience_counter < patience:  # out of epochs (max_iter): the trainer's max_epochs here
+            return lrs, restored, None
+        restored.append(epoch)  # decay_lr (or, after the last repeat, finalize): the best state back
+    return lrs, restored, epoch
+
+
+def test_plateau_restore_times_the_starter_kit_schedule() -> None:
+    """Restore after 5 bad epochs, decay on the 6th unless it improves, stop at the 4th plateau (lr_decay_steps 4)."""
+    kit = {
+        "patience": 5,
+        "factor": 0.3,
+        "min_lr": 1e-4,
+        "max_decays": 3,
+        "timing": "reduce_on_plateau",
+        "at_min_lr": "clamp",
+    }
+    values = [0.1, 0.2, 0.3] + [0.25] * 30  # the best at epoch 3, never beaten
+    lrs, restored, stop = _schedule(values, **kit)
+    assert restored == [8, 13, 18, 23] and stop == 23  # plateaus end at 3 + 5, 13, 18; the 4th stops
+    decays = [e for e in range(2, len(lrs) + 1) if lrs[e - 1] < lrs[e - 2]]
+    assert decays == [9, 15, 21]  # the scheduler's count is not reset by a restore: 6 bad epochs after each decay
+    assert lrs[-1] == pytest.approx(0.005 * 0.3**3)
+    assert (lrs, restored, stop) == _starter_kit(values)
+    # An improvement on the epoch after the restore cancels the decay.
+    lrs, restored, _ = _schedule([0.1, 0.2, 0.3, *[0.25] * 5, 0.4, *[0.3] * 4], **kit)
+    assert restored == [8] and lrs == [0.005] * 13
+    # Random sequences: ours and the replayed original agree epoch by epoch.
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        walk = list(np.round(np.cumsum(rng.normal(0.002, 0.01, 80)), 3))
+        assert _schedule(walk, **kit) == _starter_kit(walk)
+    # A non-finite metric restores the best weights and stops (early_stopping: "Objective is not Finite").
+    _, restored, stop = _schedule([0.1, 0.2, float("nan"), 0.3], **kit)
+    assert restored == [3] and stop == 3
+
+
+def _viv1t(values: list[float], patience: int = 5, max_reduce: int = 3) -> tuple[list[float], list[int], int | None]:
+    """ViV1T's ``Scheduler.step`` replayed (mode max, factor 0.3, min_lr eps, min_epochs 0), with train.py's
+    ``scheduler.restore()`` after the loop."""
+    lr, best, best_epoch, lr_wait, num_reduce = 0.005, 0.0, None, 0, 0
+    lrs: list[float] = []
+    restored: list[int] = []
+    for epoch, value in enumerate(values, start=1):
+        terminate = False
+        if value > best:
+            best, best_epoch, lr_wait, num_reduce = value, epoch, 0, 0
+        elif round(value, 2) <= 0.0 and best >= 0.05:
+            if best_epoch is not None:
+                restored.append(epoch)
+        elif lr_wait >= patience - 1:
+            if num_reduce >= max_reduce - 1:
+                terminate = True
+            else:
+                num_reduce += 1
+                if best_epoch is not None:
+                    restored.append(epoch)
+                lr = max(0.3 * lr, 1.1920929e-07)  # float32 eps, as viv1t.yaml writes it
+                lr_wait = 0
+        else:
+            lr_wait += 1
+        lrs.append(lr)
+        if terminate:  # then train.py's scheduler.restore(): the checkpoint, if one was saved
+            return lrs, restored if best_epoch is None else [*restored, epoch], epoch
+    return lrs, restored, None
+
+
+def test_plateau_restore_times_viv1ts_scheduler() -> None:
+    viv1t = {
+        "patience": 5,
+        "factor": 0.3,
+        "min_lr": 1.1920929e-07,
+        "max_decays": 2,
+        "threshold": 0.0,
+        "reset_decays_on_improvement": True,
+        "timing": "together",
+        "initial_best": 0.0,
+        "restore_on_collapse": True,
+        "at_min_lr": "clamp",
+    }
+    values = [0.1, 0.2, 0.3] + [0.25] * 20
+    lrs, restored, stop = _schedule(values, **viv1t)
+    assert restored == [8, 13, 18] and stop == 18  # restore and decay together on the 5th bad epoch; 3rd plateau stops
+    assert lrs[7] == lrs[6] * 0.3 and (lrs, restored, stop) == _viv1t(values)
+    # Below 0 is never the best; a collapse to 0.00 after 0.05 restores without counting as a bad epoch.
+    lrs, restored, stop = _schedule([-0.1, 0.06, 0.001, 0.03, 0.03, 0.03, 0.03, 0.03], **viv1t)
+    assert restored == [3, 8] and lrs[-1] == pytest.approx(0.0015) and stop is None
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        walk = list(np.round(np.cumsum(rng.normal(0.002, 0.01, 80)), 3))
+        assert _schedule(walk, **viv1t) == _viv1t(walk)
+    with pytest.raises(ValueError, match="mode must be max"):
+        PlateauRestore(mode="min", restore_on_collapse=True)
 
 
 # ---------------------------------------------------------------------------------------------------- BudgetDecay

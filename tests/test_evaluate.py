@@ -55,6 +55,54 @@ def fits(tmp_path_factory: pytest.TempPathFactory, tiny_stores: Path) -> dict[st
     return fitted(tmp_path_factory, tiny_stores)
 
 
+def fitted_raw(tmp_path_factory: pytest.TempPathFactory, stores: Path) -> str:
+    """A tiny factorized model trained on raw responses (``data.normalization: raw``, as DwiseNeuro), fitted once
+    per test session; returns its last checkpoint."""
+    from lightning_sensorium.launch import run_lightning, with_experiment_defaults
+
+    base = tmp_path_factory.getbasetemp() / "raw_scale_fit"
+    done = base / "checkpoint.txt"
+    if done.is_file():
+        return done.read_text()
+    args = ["fit", "--config", str(EXPERIMENTS / "factorized.yaml"), "--data.root", str(stores)]
+    args += ["--trainer.logger.init_args.save_dir", str(base / "runs"), *TINY_FIT, "--data.normalization", "raw"]
+    cli = run_lightning(with_experiment_defaults(args))
+    ckpt = str(cli.trainer.checkpoint_callback.last_model_path)
+    done.write_text(ckpt)
+    return ckpt
+
+
+def _precision(store: Any) -> np.ndarray:
+    """The official per-frame precision ``(T, N)`` by hand (neuralpredictors' NeuroNormalizer)."""
+    s = np.asarray(store.statistics["responses"]["std"], dtype=np.float64)
+    threshold = 0.01 * np.nanmean(s)
+    return np.where(s > threshold, 1 / np.where(s > threshold, s, 1), 1 / threshold)
+
+
+def raw_model_scores_by_hand(ckpt: str, stores: Path, tier: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per mouse, the per-neuron single-trial correlation of a raw-scale model on ``tier``, by hand: on the
+    competition's scale (predictions and raw responses × the official per-frame precision) and the old way
+    (predictions against ReLU'd raw responses)."""
+    from lightning_sensorium.module import SensoriumModule
+
+    model = SensoriumModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    dm = SensoriumDataModule(root=str(stores), frames=24, normalization="raw")
+    frames: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {m: [] for m in dm.mouse_ids}
+    with torch.no_grad():
+        for batch in dm.trial_loader([tier]):
+            batch.pop("response_scale")
+            pred = model.predict_whole_trials(batch).double().numpy()  # (B, N, T) on the model's (raw) scale
+            store = dm.stores[batch["mouse_id"]]
+            for i, (trial, length) in enumerate(zip(batch["trial"].tolist(), batch["length"].tolist(), strict=True)):
+                raw = store.read(trial, 0, length)["responses"][50:].astype(np.float64)  # (L − 50, N)
+                frames[batch["mouse_id"]].append((pred[i, :, 50:length].T, raw, _precision(store)[50:length]))
+    out = {}
+    for mouse, parts in frames.items():
+        p, r, s = (np.concatenate(x) for x in zip(*parts, strict=True))
+        out[mouse] = (_pearson(p * s, r * s), _pearson(p, np.maximum(r, 0)))
+    return out
+
+
 def _pearson(x: np.ndarray, y: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     """Per-column Pearson correlation with population stds + eps (the official `corr`), ``(M, N)`` → ``(N,)``."""
     xc, yc = x - x.mean(0), y - y.mean(0)
@@ -168,3 +216,41 @@ def test_ensemble_members_must_agree_on_the_data_scale(fits: dict[str, Any], tmp
         torch.save(ckpt, other)
         with pytest.raises(ValueError, match=f"data.{key}="):
             EnsembleModule.from_checkpoints([first, other])
+
+
+def test_raw_scale_model_is_scored_on_the_competition_scale(
+    tiny_stores: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A model trained on raw responses: `evaluate` and the validation metrics (what ModelCheckpoint and
+    PlateauRestore monitor) are the competition's numbers — predictions and raw responses × the official per-frame
+    precision, no ReLU — computed by hand, not the old correlation with ReLU'd raw responses."""
+    import lightning as L
+
+    from lightning_sensorium.module import SensoriumModule
+
+    ckpt = fitted_raw(tmp_path_factory, tiny_stores)
+    out = tmp_path / "m.json"
+    args = ["evaluate", "--ckpt_path", ckpt, "--tiers", "final_test_main", "--output", str(out)]
+    assert main([*args, "--accelerator", "cpu", "--quiet"]) == 0
+    results = json.loads(out.read_text())
+    assert results["normalization"] == "raw"
+    tier = results["tiers"]["final_test_main"]
+    hand = raw_model_scores_by_hand(ckpt, tiny_stores, "final_test_main")
+    for mouse, (new, old) in hand.items():
+        got = tier["per_mouse"][mouse]["single_trial_corr"]
+        assert got == pytest.approx(new.mean(), abs=1e-5)
+        assert abs(got - old.mean()) > 1e-3, "the old ReLU'd-raw number"
+    pooled = np.concatenate([new for new, _ in hand.values()]).mean()
+    assert tier["pooled"]["single_trial_corr"] == pytest.approx(pooled, abs=1e-5)
+
+    model = SensoriumModule.load_from_checkpoint(ckpt, map_location="cpu")
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    dm = SensoriumDataModule(root=str(tiny_stores), frames=24, normalization="raw")
+    logged = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    oracle = raw_model_scores_by_hand(ckpt, tiny_stores, "oracle")
+    expected = np.concatenate([new for new, _ in oracle.values()]).mean()
+    assert logged["val/single_trial_corr"] == pytest.approx(expected, abs=1e-5)
+    old = np.concatenate([o for _, o in oracle.values()]).mean()
+    assert abs(logged["val/single_trial_corr"] - old) > 1e-3

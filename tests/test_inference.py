@@ -154,3 +154,27 @@ def test_stimulus_folder_long_videos_and_errors(fits: dict[str, Any], tiny_store
     assert not (tmp_path / "bad.zarr").exists()
     no_mouse = ["infer", "--ckpt_path", fits["checkpoints"][0], "--stimulus", str(folder), "--out", str(tmp_path / "x")]
     assert main([*no_mouse, "--accelerator", "cpu"]) == 2  # two mice: --mouse is required
+
+
+def test_user_stimuli_follow_the_viv1t_normalisation(tiny_stores: Path, tmp_path: Path) -> None:
+    """A ViV1T-normalised model's user stimuli get ViV1T's inputs: over the recorded frames the same as a trial read
+    through the data module, then the time average of its per-frame transform."""
+    from tests.test_normalization import copy_stores
+
+    dm = SensoriumDataModule(root=str(copy_stores(tiny_stores, tmp_path / "s")), frames=24, normalization="viv1t")
+    mouse = dm.mouse_ids[0]
+    store = dm.stores[mouse]
+    trial = int(store.trials("oracle")[0])
+    length = int(store.length[trial])
+    raw = store.read(trial, 0, length)
+    stimulus = Stimulus("trial", raw["videos"].astype(np.float32), raw["behavior"], raw["pupil_center"])
+    inputs = StimulusInputs(store, normalizer=dm.normalizers[mouse])
+    assert inputs.normalization == "viv1t" and inputs.stat_frames >= length
+    got, read = inputs(stimulus, 0), dm._read(mouse, trial, 0, length, scored=False)
+    for key in ("video", "behavior", "pupil_center"):
+        np.testing.assert_allclose(got[key][0].numpy(), read[key].numpy(), rtol=1e-5, atol=1e-6)
+    longer = Stimulus("long", np.zeros((length + 5, *store.video_shape), np.float32))
+    video = inputs(longer, 0)["video"][0, 0].numpy()  # (T + 5, H, W)
+    norm = dm.normalizers[mouse].inputs
+    tail = -norm["video_shift"][:length].mean(0) * norm["video_gain"][:length].mean(0)
+    np.testing.assert_allclose(video[length:], np.broadcast_to(tail, (5, *tail.shape)), rtol=1e-5, atol=1e-6)

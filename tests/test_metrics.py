@@ -266,3 +266,17 @@ def test_ddp_two_processes_equal_single_process() -> None:
         np.testing.assert_allclose(s_ddp, single, atol=1e-6)
         for key, value in repeat.items():
             np.testing.assert_allclose(r_ddp[key], value.numpy(), atol=1e-6, err_msg=key)
+
+
+def test_metric_group_of_random_windows_reports_no_repeat_metrics() -> None:
+    """Windows cut at random places (official validation windows) show repeats of a clip at different frames: the
+    group keeps the single-trial correlation and leaves out the repeat metrics."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(4, 3, 80, generator=g), torch.rand(4, 3, 80, generator=g)
+    clips, lengths = torch.tensor([0, 0, 1, 1]), torch.full((4,), 80)
+    whole, windows = MetricGroup(3, num_clips=2), MetricGroup(3, num_clips=2)
+    whole.update(pred, target, clips, lengths)
+    windows.update(pred, target, clips, lengths, repeats=False)
+    assert {"oracle_corr", "feve"} <= set(whole.compute())
+    assert set(windows.compute()) == {"single_trial_corr"}
+    torch.testing.assert_close(windows.compute()["single_trial_corr"], whole.compute()["single_trial_corr"])

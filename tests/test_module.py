@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.losses import PoissonLoss
 from lightning_sensorium.models import Core, Factorized3dCore, GaussianReadout, MLPShifter
 from lightning_sensorium.module import SensoriumModule
-from lightning_sensorium.predictors import WholeTrialPredictor, mean_where_predicted
+from lightning_sensorium.predictors import WholeTrialPredictor, mean_where_predicted, tile_windows
 from tests.test_training import _fit
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
@@ -140,6 +141,91 @@ def test_sliding_window_options_are_checked() -> None:
     short = module(FrameCore(), eval_window=16, frame_step=2)
     with pytest.raises(ValueError, match="shorter than one prediction window of 31 frames"):
         short.predict_whole_trials(batch(t=20))
+
+
+def _window_tagger(seen: list[int]) -> Callable[[dict[str, Tensor]], Tensor]:
+    """A batch model for videos whose pixels hold their frame number: each window's outputs are its last 15
+    frames, ``1000 · (first frame of the window) + frame``, so a prediction names the window that made it."""
+
+    def tag(x: dict[str, Tensor]) -> Tensor:
+        frames = x["video"][:, 0, :, 0, 0]  # (B·W, L) raw frame numbers
+        seen.extend(int(f) for f in frames[:, 0])
+        out = 1000 * frames[:, :1] + frames[:, -15:]  # (B·W, 15)
+        return out[:, None].expand(-1, 3, -1)  # (B·W, N=3, 15)
+
+    return tag
+
+
+def _frame_numbered(b: int, t: int) -> dict[str, object]:
+    video = torch.arange(t, dtype=torch.float32).view(1, 1, t, 1, 1).expand(b, 1, t, 2, 2)  # (B, 1, T, 2, 2)
+    return {"mouse_id": "a", "video": video, "behavior": torch.zeros(b, 2, t), "pupil_center": torch.zeros(b, 2, t)}
+
+
+@torch.no_grad()
+def test_dynamic_v1fm_tiling_is_the_originals_on_a_299_frame_trial() -> None:
+    """``eval_tile_from: 50`` predicts each frame from 50 on exactly once, from the window the original uses:
+    https://github.com/zhuyu-cs/Dynamic-VFM/blob/main/submission_func/single_model_mainTrack.py, replayed here."""
+    t = 299  # a natural trial's valid length
+    seen: list[int] = []
+    tag = _window_tagger(seen)
+    pred = WholeTrialPredictor(tag, eval_window=30, eval_stride=15, eval_tile_from=50, eval_window_batch=7)(
+        _frame_numbered(2, t)
+    )  # (B, N, T)
+    # The original: windows videos[:, :, s : s + 30] for s in range(35, 299 - 24, 15), then [-39:-9] and [-30:];
+    # real_out[15 k : 15 k + 15] = out[k] for k, 15 k in zip(range(18), range(0, 249 - 9, 15)); real_out[-9:] =
+    # out[-1, -9:] (249 frames: 50 … 298).
+    frames = torch.arange(t, dtype=torch.float32)
+    stacked = [frames[s : s + 30] for s in range(35, 299 - 24, 15)] + [frames[-39:-9], frames[-30:]]
+    out = torch.stack([1000 * w[0] + w[-15:] for w in stacked])  # (18, 15)
+    real_out = torch.zeros(249)
+    for batch_index, index in zip(range(out.shape[0]), range(0, 249 - 9, 15), strict=False):
+        real_out[index : index + 15] = out[batch_index]
+    real_out[-9:] = out[-1, -9:]
+    assert torch.isnan(pred[..., :50]).all()
+    torch.testing.assert_close(pred[..., 50:], real_out.expand(2, 3, 249))
+    # Our windows: the original's 16 + its last, without its unused duplicate of the window at 260.
+    assert sorted(set(seen)) == [*range(35, 261, 15), 269] and len(seen) == 2 * 17
+    kept = [f for end, k in tile_windows(t, 30, 15, 50) for f in range(end - k + 1, end + 1)]
+    assert kept == list(range(50, 299))  # every scored frame once, in order
+
+
+@torch.no_grad()
+def test_tiling_on_other_lengths_and_its_errors() -> None:
+    for t in (65, 80, 120, 300):  # the last window keeps 1 … 14 frames, or none is needed
+        kept = [f for end, k in tile_windows(t, 30, 15, 50) for f in range(end - k + 1, end + 1)]
+        assert kept == list(range(50, t))
+    assert tile_windows(60, 30, 15, 50) == [(59, 10)]  # no full tile: one window keeps frames 50 … 59
+    seen: list[int] = []
+    pred = WholeTrialPredictor(_window_tagger(seen), eval_window=30, eval_stride=15, eval_tile_from=50)(
+        _frame_numbered(1, 80)
+    )
+    assert torch.isnan(pred[..., :50]).all()
+    assert pred[0, 0, 50:].tolist() == [35_000.0 + f for f in range(50, 65)] + [50_000.0 + f for f in range(65, 80)]
+    with pytest.raises(ValueError, match="no frame from eval_tile_from=50"):
+        tile_windows(50, 30, 15, 50)
+    with pytest.raises(ValueError, match="needs an eval_window"):
+        module(FrameCore(), eval_tile_from=50)
+    with pytest.raises(ValueError, match="frame_step 1"):
+        module(FrameCore(), eval_window=30, eval_stride=15, eval_tile_from=50, frame_step=2)
+    with pytest.raises(ValueError, match="first window must start"):
+        module(FrameCore(), eval_window=30, eval_stride=15, eval_tile_from=10)
+    few = WholeTrialPredictor(
+        lambda x: _window_tagger([])(x)[..., -5:], eval_window=30, eval_stride=15, eval_tile_from=50
+    )
+    with pytest.raises(ValueError, match="need at least 15"):
+        few(_frame_numbered(1, 80))
+
+
+@torch.no_grad()
+def test_the_module_tiles_with_its_own_policy() -> None:
+    """A per-frame core predicts the same frames by tiles as in one pass; the tiling starts at ``eval_tile_from``."""
+    whole = module(FrameCore())
+    tiled = module(FrameCore(), eval_window=8, eval_stride=4, eval_tile_from=10)
+    tiled.load_state_dict(whole.state_dict())
+    x = batch(t=41)
+    got, expected = tiled.predict_whole_trials(x), whole.predict_whole_trials(x)
+    assert torch.isnan(got[..., :10]).all()
+    torch.testing.assert_close(got[..., 10:], expected[..., 10:], rtol=1e-5, atol=1e-6)
 
 
 def mixed_batch(seed: int = 0) -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ import pytest
 
 from lightning_sensorium.cli import main
 from lightning_sensorium.data.datamodule import SensoriumDataModule
+from lightning_sensorium.data.store import MouseStore
 from lightning_sensorium.scoring import score_submission
-from lightning_sensorium.submission import SubmissionBuilder
+from lightning_sensorium.submission import SubmissionBuilder, submit
 from lightning_sensorium.submission_format import FILE_NAMES, SubmissionError, schema, tier_of_file
-from tests.test_evaluate import fitted
+from tests.test_evaluate import _precision, fitted, fitted_raw
 
 MAIN = ("live_test_main", "final_test_main")
 
@@ -216,20 +218,69 @@ def test_score_rejects_malformed_submissions(dm: SensoriumDataModule, tiny_store
     assert main(["score", str(tmp_path / "bad" / name), "--data.root", root]) == 2
 
 
-def test_scale_by_precision_and_file_names(dm: SensoriumDataModule, tmp_path: Path) -> None:
-    from lightning_sensorium.data.normalization import response_precision
-
+def test_file_names_and_folders(dm: SensoriumDataModule, tmp_path: Path) -> None:
     _random_submission(dm, tmp_path / "plain")
-    _random_submission(dm, tmp_path / "scaled", scale_by_precision=True)
-    name = FILE_NAMES["final_test_main"]
-    plain, scaled = (pq.read_table(tmp_path / d / name).to_pylist() for d in ("plain", "scaled"))
-    for a, b in zip(plain, scaled, strict=True):
-        store = dm.stores[a["mouse"]]
-        frames = len(a["prediction"][0])
-        precision = response_precision(store.statistics["responses"]["std"])[50 : 50 + frames].T  # (N, F)
-        expected = np.asarray(a["prediction"], np.float32) * precision
-        np.testing.assert_allclose(np.asarray(b["prediction"]), expected, rtol=1e-6)
     # Folders and the starter kit's own names are scored too.
     assert score_submission(tmp_path / "plain", str(dm.root))["tiers"].keys() == {"live_test_main", "final_test_main"}
     assert tier_of_file("predictions_file_live_test_main_main_track.parquet.brotli") == "live_test_main"
     assert tier_of_file("x/predictions_file_final_test_bonus_ood_track.parquet.brotli") == "final_test_bonus"
+
+
+def _predictions(folder: Path) -> dict[tuple[str, int], np.ndarray]:
+    """``{(mouse, trial_indices): (N, F)}`` of the final main file in ``folder``."""
+    rows = pq.read_table(folder / FILE_NAMES["final_test_main"]).to_pylist()
+    return {(r["mouse"], r["trial_indices"]): np.asarray(r["prediction"]) for r in rows}
+
+
+def test_submit_scales_a_raw_scale_model_by_default(
+    fits: dict[str, Any], tiny_stores: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A model trained on raw responses is submitted on the competition's scale by default (× the official
+    per-frame precision, frame by frame, as DwiseNeuro's `make_submission`); `--no-scale-by-precision` writes its
+    own scale; the default's score equals `evaluate`. An official model is never scaled: asking for it is an
+    error, and nothing is written."""
+    raw_ckpt = fitted_raw(tmp_path_factory, tiny_stores)
+    common = ["--accelerator", "cpu", "--quiet"]
+    for name, flags in (("default", []), ("explicit", ["--scale-by-precision"]), ("own", ["--no-scale-by-precision"])):
+        assert main(["submit", "--ckpt_path", raw_ckpt, "--out", str(tmp_path / name), *flags, *common]) == 0
+    default, explicit, own = (_predictions(tmp_path / n) for n in ("default", "explicit", "own"))
+    assert default.keys() == own.keys() == explicit.keys()
+    for (mouse, index), pred in default.items():
+        store = MouseStore(tiny_stores / f"{mouse}.zarr")
+        precision = _precision(store)[50 : 50 + pred.shape[1]].T  # (N, F)
+        np.testing.assert_allclose(pred, own[mouse, index] * precision, rtol=1e-5)
+        np.testing.assert_array_equal(pred, explicit[mouse, index])
+    scores, evals = tmp_path / "scores.json", tmp_path / "eval.json"
+    zipped = str(tmp_path / "default" / "submission_main.zip")
+    assert main(["score", zipped, "--data.root", str(tiny_stores), "--output", str(scores)]) == 0
+    assert main(["evaluate", "--ckpt_path", raw_ckpt, "--tiers", *MAIN, "--output", str(evals), *common]) == 0
+    scored, evaluated = json.loads(scores.read_text())["tiers"], json.loads(evals.read_text())["tiers"]
+    for tier in MAIN:
+        for metric in ("single_trial_corr", "repeat_averaged_corr", "feve"):
+            assert scored[tier]["pooled"][metric] == pytest.approx(evaluated[tier]["pooled"][metric], abs=1e-5)
+    # An official model: never scaled; --scale-by-precision would scale it twice.
+    out = tmp_path / "official"
+    assert main(["submit", "--ckpt_path", fits["checkpoints"][0], "--out", str(out), "--scale-by-precision"]) == 2
+    assert not out.exists()
+    with pytest.raises(SubmissionError, match="data.normalization='official'"):
+        submit([fits["checkpoints"][0]], out, scale_by_precision=True, accelerator="cpu", progress=False)
+
+
+def test_submit_refuses_a_scale_that_cannot_apply(
+    tiny_stores: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stores without the response statistics: the raw-scale model cannot be put on the competition's scale, so
+    `submit` stops with the mouse and what is missing, and writes nothing."""
+    from tests.test_normalization import copy_stores
+
+    raw_ckpt = fitted_raw(tmp_path_factory, tiny_stores)
+
+    def drop(g: Any) -> None:
+        del g["statistics/responses"]["std"]
+
+    root = copy_stores(tiny_stores, tmp_path / "stores", drop)
+    out = tmp_path / "out"
+    args = ["submit", "--ckpt_path", raw_ckpt, "--data.root", str(root), "--out", str(out), "--accelerator", "cpu"]
+    assert main([*args, "--quiet"]) == 2
+    assert re.search(r"mouse synthetic0-\S+: no readable statistics/responses/std", capsys.readouterr().err)
+    assert not out.exists()

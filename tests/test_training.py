@@ -235,7 +235,9 @@ def test_fit_evaluate_and_resume(tiny_stores: Path, tmp_path: Path) -> None:
     tags = events.Tags()
     assert {"val/traces", "val/correlation_histogram", "val/readout_positions"} <= set(tags["images"])
     mouse = cli.datamodule.mouse_ids[0]
-    assert {"val/single_trial_corr", f"val/single_trial_corr/{mouse}", "val/oracle/feve"} <= set(tags["scalars"])
+    assert {"val/single_trial_corr", f"val/single_trial_corr/{mouse}", "val/oracle/single_trial_corr"} <= set(
+        tags["scalars"]
+    )
     assert any(p.name.startswith("events") for p in Path(trainer.logger.log_dir).iterdir())
     # Resume: the second run continues from the checkpoint's step.
     resumed = _fit(tmp_path, tiny_stores, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt))

@@ -1,6 +1,7 @@
 """Callbacks any model can use from YAML (``trainer.callbacks``)."""
 
 from lightning_sensorium.callbacks.budget import BudgetDecay
+from lightning_sensorium.callbacks.checkpoint import FiniteLoss, ModelCheckpoint
 from lightning_sensorium.callbacks.cutmix import CutMix
 from lightning_sensorium.callbacks.ema import EMA
 from lightning_sensorium.callbacks.figures import FigureLogger
@@ -14,7 +15,9 @@ __all__ = [
     "EMA",
     "CutMix",
     "FigureLogger",
+    "FiniteLoss",
     "MemoryCheck",
+    "ModelCheckpoint",
     "PlateauRestore",
     "ProgressBar",
     "ZarrPredictionWriter",

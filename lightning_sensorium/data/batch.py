@@ -7,6 +7,16 @@ Batch keys and shapes (one vocabulary everywhere)::
     pupil_center  (B, 2, T)        float32  [x, y]
     responses     (B, N, T)        float32
     mouse_id      str              one mouse per batch (or a list of str for mixed-mouse batches)
+    length        (B,)             int64    valid frames of each sample (frames past it are zero padding)
+    trial, clip_id (B,)            int64    store rows and clip ids
+    response_scale (B, N, T)       float32  with ``data.response_scale`` (mixed batches: lists, as ``responses``)
+
+Evaluation batches (one mouse, one tier) add ``tier`` (str: a tier, or ``"fold"``, the held-out fold of
+``data.num_folds``), ``clip_index`` ``(B,)`` (dense clip numbers of the tier), where a store has them ``rates``
+``(B, N, T)`` (the synthetic mice's noiseless rates), ``padding`` (True: a DDP rank's stand-in batch, never scored)
+and, for ``data.val_windows="official"``, ``window_start`` ``(B,)``: the trial frame each sample's frame 0 is
+(each sample is one random 80-frame window of its trial, not the whole trial, so repeats of a clip show different
+frames).
 """
 
 from __future__ import annotations
