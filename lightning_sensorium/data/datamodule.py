@@ -46,6 +46,7 @@ OFFICIAL_VAL_FRAMES: Final = 80
 WindowSampling = Literal["with_replacement", "mouse_quotas", "each_trial_once"]
 ValWindows = Literal["whole_trials", "official"]
 DatasetSize = Literal["all_trials", "train_trials"]
+MouseSelection = Literal["all", "competition"]
 Batch = dict[str, Any]
 Plan = list[tuple[str, int, int]]  # one batch: (mouse_id, trial, first frame) per window
 
@@ -79,6 +80,17 @@ def assign_folds(clip_ids: np.ndarray, num_folds: int, seed: int, mouse: str = "
         fold_of_clip[clip] = fold
         sizes[fold] += counts[clip]
     return fold_of_clip[inverse]
+
+
+def _competition_mice(stores: list[MouseStore]) -> list[MouseStore]:
+    """The stores whose live and final main test responses are hidden (the competition's mice), or all of them where
+    none is (logged)."""
+    tiers = ("live_test_main", "final_test_main")
+    hidden = [s for s in stores if len(s.trials(tiers)) and s.hidden[s.trials(tiers)].all()]
+    if not hidden:
+        log.info("data.mouse_selection=competition: no store hides its test responses; using all %d mice", len(stores))
+        return stores
+    return hidden
 
 
 def discover_stores(root: str, mice: Sequence[str] | None, storage_options: dict[str, Any] | None) -> list[str]:
@@ -250,6 +262,11 @@ class SensoriumDataModule(L.LightningDataModule):
     Args:
         root: folder (or fsspec URL) holding ``<mouse_id>.zarr`` stores.
         mice: mouse ids to use (default: every store under ``root``; required for URLs).
+        mouse_selection: ``all`` the mice found (or listed), or ``competition``: only those whose live and final
+            test responses are hidden, the five new mice the competition scored and the starter kit's baselines train
+            on (https://github.com/ecker-lab/sensorium_2023/blob/main/notebooks/benchmarks_training.ipynb); where no
+            store hides its test responses (synthetic mice, your own recordings) every mouse is kept, and the log
+            says so.
         train_tiers: tiers whose trials are sampled for training (hidden trials never are: listing a test tier
             trains on the mice whose test responses are labelled, as DwiseNeuro and ViV1T's ``ds_mode=3`` do).
         val_tiers: tiers evaluated during validation (the official validation tier is ``oracle``); with
@@ -313,6 +330,7 @@ class SensoriumDataModule(L.LightningDataModule):
         self,
         root: str = DEFAULT_ROOT,
         mice: list[str] | None = None,
+        mouse_selection: MouseSelection = "all",
         train_tiers: list[str] | None = None,
         val_tiers: list[str] | None = None,
         test_tiers: list[str] | None = None,
@@ -382,6 +400,12 @@ class SensoriumDataModule(L.LightningDataModule):
         # Opening reads only metadata and the small per-trial arrays: cheap enough for __init__, which must
         # compute `neurons` because LightningCLI links it to the model at instantiation.
         stores = [MouseStore(p, storage_options=storage_options) for p in paths]
+        if mouse_selection not in get_args(MouseSelection):
+            raise ValueError(
+                f"data.mouse_selection={mouse_selection!r}: expected one of {list(get_args(MouseSelection))}"
+            )
+        if mouse_selection == "competition":
+            stores = _competition_mice(stores)
         self.stores: dict[str, MouseStore] = {s.mouse_id: s for s in stores}
         self.mouse_ids: list[str] = list(self.stores)
         self.normalizers = {

@@ -305,3 +305,22 @@ def test_training_window_reads_one_window_of_the_mouse(tiny_stores: Path) -> Non
     window = dm.training_window(mouse, np.random.default_rng(0))
     assert window["mouse_id"] == mouse and window["video"].shape[1] == 20
     assert window["trial"] in set(dm.stores[mouse].trials("train").tolist())
+
+
+def test_competition_mice_are_those_with_hidden_test_responses(
+    tiny_stores: Path, tiny_release_hidden: Path, tmp_path: Path
+) -> None:
+    """``mouse_selection: competition`` keeps the mice whose test responses are hidden (the release's five new
+    mice); stores that hide none keep every mouse."""
+    from lightning_sensorium.data.convert import convert
+    from lightning_sensorium.data.datamodule import _competition_mice
+    from lightning_sensorium.data.store import MouseStore
+
+    (hidden_path,) = convert([tiny_release_hidden], tmp_path / "hidden", progress=False)
+    hidden = MouseStore(hidden_path)
+    labelled = [MouseStore(p) for p in sorted(tiny_stores.glob("*.zarr"))]
+    assert _competition_mice([*labelled, hidden]) == [hidden]
+    dm = SensoriumDataModule(root=str(tiny_stores), frames=20, mouse_selection="competition")
+    assert dm.mouse_ids == [s.mouse_id for s in labelled]  # none hidden: all kept
+    with pytest.raises(ValueError, match="data.mouse_selection='new'"):
+        SensoriumDataModule(root=str(tiny_stores), frames=20, mouse_selection="new")  # type: ignore[arg-type]
