@@ -8,6 +8,7 @@ imports this module; it imports the workflows inside the handlers so that ``--he
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -533,6 +534,15 @@ def main(args: Sequence[str] | None = None) -> Any:
     except (FileExistsError, FileNotFoundError, ValueError, DiskFullError) as err:
         # Bad input: one clear line naming the file/field, no traceback.
         print(f"{PROG} {argv[0]}: error: {err}", file=sys.stderr)
+        code = 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        # A disk that filled up while writing (the writers remove their temporaries): one line, no traceback.
+        print(
+            f"{PROG} {argv[0]}: error: {err.filename or 'the output'}: the disk is full; free some space",
+            file=sys.stderr,
+        )
         code = 2
     if args is None:
         sys.exit(code)

@@ -186,12 +186,12 @@ def test_too_little_free_space_is_one_error_before_writing(tmp_path: Path, monke
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (root on Linux); skipped where it cannot be mounted."""
+    """A 64 KiB tmpfs (root on Linux); skipped where it cannot be mounted."""
     import subprocess
 
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
@@ -251,3 +251,21 @@ def test_a_convert_killed_mid_write_is_cleaned_up_by_the_next_run(tiny_release: 
     assert len(left) == 1 and ".tmp-" in left[0]  # the temporary, no store
     (store,) = convert([session], out, progress=False)
     assert _names(out) == [store.name]
+
+
+def test_infer_on_a_full_disk_says_so_in_one_line(
+    tiny_stores: Path, tiny_disk: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The predictions outgrow the disk while they stream: one line, exit 2, no temporary left."""
+    from lightning_sensorium.cli import main
+    from tests.test_evaluate import fitted
+
+    ckpt = fitted(tmp_path_factory, tiny_stores)["checkpoints"][0]
+    out = tiny_disk / "preds.zarr"
+    args = ["infer", "--ckpt_path", ckpt, "--out", str(out), "--tiers", "final_test_main", "--accelerator", "cpu"]
+    assert main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lightning-sensorium infer: error: ") and err[-1].endswith(
+        "the disk is full; free some space"
+    )
+    assert _names(tiny_disk) == []
