@@ -41,6 +41,21 @@ class SensoriumCLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
         parser.link_arguments("data.frame_step", "model.frame_step")
 
+    def before_instantiate_classes(self) -> None:
+        """``fit --ckpt_path <save_dir>/<name>/<version>/checkpoints/last.ckpt`` continues in that run's folder (its
+        TensorBoard curves and checkpoints go on where they stopped) rather than starting a new version."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if self.subcommand != "fit" or config is None or not config.get("ckpt_path"):
+            return
+        logger = config.get("trainer.logger")
+        init = getattr(logger, "init_args", None)
+        if init is None or not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+            return
+        run = Path(str(config["ckpt_path"])).resolve().parent.parent  # <save_dir>/<name>/<version>
+        same = run.parent == (Path(str(init.save_dir)) / str(init.name)).resolve()
+        if same and init.get("version") is None and run.name.startswith("version_"):
+            init.version = run.name
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = config.get("callbacks") or []

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -27,13 +28,26 @@ def _fit(tiny_stores: Path, tmp_path: Path, *extra: str) -> object:
     return run_lightning(with_experiment_defaults(["fit", *args]))
 
 
-def _callbacks(tmp_path: Path, **init_args: object) -> list[str]:
-    """``--config`` of a YAML whose only callback is our ModelCheckpoint with ``init_args`` (save_last on)."""
+class KillAt(L.Callback):
+    """SIGKILLs its own process before the first batch after ``step`` optimizer steps (their checkpoint written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, i: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _callbacks(tmp_path: Path, kill_at: int | None = None, **init_args: object) -> list[str]:
+    """``--config`` of a YAML whose callbacks are our ModelCheckpoint with ``init_args`` (save_last on), and
+    :class:`KillAt` where ``kill_at`` is given."""
     path = tmp_path / "checkpoint.yaml"
-    lines = [f"        {k}: {v}" for k, v in {"save_last": "true", **init_args}.items()]
-    path.write_text(
-        "\n".join(["trainer:", "  callbacks:", f"    - class_path: {CALLBACK}", "      init_args:", *lines])
-    )
+    lines = ["trainer:", "  callbacks:", f"    - class_path: {CALLBACK}", "      init_args:"]
+    lines += [f"        {k}: {v}" for k, v in {"save_last": "true", **init_args}.items()]
+    if kill_at is not None:
+        lines += ["    - class_path: tests.test_checkpoint.KillAt", "      init_args:", f"        step: {kill_at}"]
+    path.write_text("\n".join(lines))
     return ["--config", str(path)]
 
 
@@ -153,3 +167,72 @@ def test_a_sigkilled_fit_leaves_a_loadable_last_checkpoint(tiny_stores: Path, tm
     assert lasts, "the fit wrote no last.ckpt in 120 s"
     state = torch.load(lasts[0], map_location="cpu", weights_only=False)
     assert state["global_step"] >= 3 and "state_dict" in state
+
+
+def _resume_args(tmp_path: Path, tiny_stores: Path, run: str, kill_at: int | None = None) -> list[str]:
+    """A fit of 10 optimizer steps over 2 epochs (5 steps each: 10 single-mouse batches, gradients accumulated over
+    the 2 mice), ``last.ckpt`` after every step, killed by SIGKILL after ``kill_at`` steps."""
+    (tmp_path / run).mkdir()
+    return tiny_args(
+        "factorized.yaml",
+        tiny_stores,
+        tmp_path / run,
+        "--trainer.max_steps",
+        "10",
+        "--trainer.max_epochs",
+        "-1",
+        "--trainer.check_val_every_n_epoch",
+        "1000",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        "--data.batch_size",
+        "2",
+        "--data.samples_per_epoch",
+        "9",
+        *_callbacks(tmp_path / run, kill_at=kill_at, latest_every_n_steps=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_stores: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    tmp = tmp_path_factory.mktemp("whole")
+    cli = run_lightning(with_experiment_defaults(["fit", *_resume_args(tmp, tiny_stores, "whole")]))
+    assert cli.trainer.global_step == 10  # type: ignore[attr-defined]
+    return {k: v.clone() for k, v in cli.model.state_dict().items()}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kill_at", [3, 5], ids=["mid-epoch", "epoch-end"])
+def test_a_sigkilled_fit_resumes_bit_exactly(
+    kill_at: int, uninterrupted: dict[str, torch.Tensor], tiny_stores: Path, tmp_path: Path
+) -> None:
+    """Killed by SIGKILL, then resumed from ``last.ckpt``: every final weight equals the uninterrupted run's (global
+    RNG of torch, numpy and Python, the position inside the epoch, optimiser and scheduler restored)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_sensorium", "fit", *_resume_args(tmp_path, tiny_stores, "run", kill_at)],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    (last,) = (tmp_path / "run").rglob("last.ckpt")
+    assert _step(last) == kill_at
+    args = _resume_args(tmp_path, tiny_stores, "resumed")  # the same recipe, without the kill
+    resumed = run_lightning(with_experiment_defaults(["fit", *args, "--ckpt_path", str(last)]))
+    assert resumed.trainer.global_step == 10  # type: ignore[attr-defined]
+    for name, value in resumed.model.state_dict().items():  # type: ignore[attr-defined]
+        torch.testing.assert_close(value, uninterrupted[name], rtol=0, atol=0, msg=f"{name} after resuming")
+
+
+def test_resuming_continues_in_the_same_run_folder(tiny_stores: Path, tmp_path: Path) -> None:
+    first = _fit(tiny_stores, tmp_path, "--trainer.max_epochs", "1")
+    run = Path(first.trainer.logger.log_dir)  # type: ignore[attr-defined]
+    last = _checkpoint(first).last_model_path
+    before = _step(last)
+    again = _fit(tiny_stores, tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", last)
+    assert Path(again.trainer.logger.log_dir) == run  # type: ignore[attr-defined]
+    assert sorted(p.name for p in run.parent.iterdir()) == [run.name]  # no second version
+    assert _step(_checkpoint(again).last_model_path) == again.trainer.global_step > before  # type: ignore[attr-defined]

@@ -10,10 +10,12 @@ across file systems. Docs: docs/training.md, "Checkpoints and non-finite values"
 from __future__ import annotations
 
 import math
+import random
 import time
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
@@ -30,6 +32,30 @@ def _non_finite(module: torch.nn.Module) -> str | None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name
     return None
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states a training step draws from (the Gaussian readout samples positions from torch's), in
+    types a checkpoint holds: torch (CPU and CUDA), numpy, Python."""
+    kind, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore :func:`rng_states`."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
@@ -63,6 +89,24 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self.latest_every_minutes = latest_every_minutes
         self._latest_time = time.monotonic()
         self._latest_step = -1
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning's state plus the global random states at the save, so that a resumed run draws what the
+        interrupted one would have (restored before its first batch, once its data loader is made)."""
+        return {**super().state_dict(), "rng_states": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self._rng_to_restore = state.pop("rng_states", None)
+        super().load_state_dict(state)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def _refresh_last(self, trainer: L.Trainer) -> None:
         """Write ``last.ckpt`` for the current step unless it already holds it. Lightning's bookkeeping of what was

@@ -133,11 +133,20 @@ class _WindowPlans(DistributedSampler):
         super().__init__(batches, num_replicas=world_size, rank=rank, shuffle=False, seed=dm.seed)
         self.dm = dm
         self.local_batches = math.ceil(epoch_batches / world_size)
+        self.skip = (-1, 0)  # (epoch, batches) to leave out when that epoch is iterated (resuming mid-epoch)
 
     def __len__(self) -> int:
         return self.local_batches
 
     def __iter__(self) -> Iterator[Plan]:  # type: ignore[override,unused-ignore]
+        epoch, batches = self.skip
+        skip = batches if epoch == self.epoch else 0  # a save at an epoch's last batch resumes at the next epoch
+        self.skip = (-1, 0)
+        for k, plan in enumerate(self._plans()):
+            if k >= skip:  # the skipped plans are drawn all the same: the stream stays the interrupted run's
+                yield plan
+
+    def _plans(self) -> Iterator[Plan]:
         if self.dm.window_sampling != "with_replacement":
             plan = self.dm.epoch_plan(self.epoch)
             for k in range(self.local_batches):
@@ -151,6 +160,30 @@ class _WindowPlans(DistributedSampler):
             else:
                 chosen = [mice[i] for i in rng.integers(0, len(mice), size=self.dm.batch_size)]
             yield [(m, *self.dm._draw_window(m, rng)) for m in chosen]
+
+
+class _ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch (Lightning's ``state_dict``/``load_state_dict`` loader protocol):
+    its state is the number of batches the trainer has processed in the current epoch, and a loaded state makes the
+    next epoch's iteration leave those out. The epoch's plans are the same on resumption (they come from the seed, the
+    epoch and the rank), so the run goes on with the batches it would have seen."""
+
+    def __init__(self, dm: SensoriumDataModule, dataset: Dataset, sampler: _WindowPlans, num_workers: int) -> None:
+        # Its own generator: making an iterator draws a base seed from it, not from the global RNG, whose stream a
+        # resumed run must share with the interrupted one (restored by lightning_sensorium.callbacks.ModelCheckpoint).
+        generator = torch.Generator().manual_seed(dm.seed)
+        super().__init__(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, generator=generator)
+        self.dm, self.plans = dm, sampler
+
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.dm.trainer
+        if trainer is None:
+            return {"epoch": 0, "batches": 0}
+        progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current  # a _ProcessedTracker during fit
+        return {"epoch": int(trainer.current_epoch), "batches": int(progress.processed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.plans.skip = (int(state.get("epoch", -1)), int(state.get("batches", 0)))
 
 
 class _WindowReader(Dataset):
@@ -713,7 +746,7 @@ class SensoriumDataModule(L.LightningDataModule):
         n = self._epoch_batches()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         sampler = _WindowPlans(self, n, rank=rank, world_size=world)
-        return DataLoader(_WindowReader(self, n), batch_size=None, sampler=sampler, num_workers=self.num_workers)
+        return _ResumableLoader(self, _WindowReader(self, n), sampler, self.num_workers)
 
     def trial_loader(self, tiers: Sequence[str], skip_hidden: bool = True, max_trials: int | None = None) -> DataLoader:
         """Whole-trial batches of any ``tiers`` (hidden trials too unless ``skip_hidden``), at most ``max_trials``
