@@ -269,3 +269,43 @@ def test_infer_on_a_full_disk_says_so_in_one_line(
         "the disk is full; free some space"
     )
     assert _names(tiny_disk) == []
+
+
+def test_an_infer_killed_mid_write_is_cleaned_up_by_the_next_run(
+    tiny_stores: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGKILL during `infer`: no prediction store appears, only its temporary; the next `infer` to the same
+    destination removes it and writes the store."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lightning_sensorium.cli import main
+    from tests.test_evaluate import fitted
+
+    ckpt = fitted(tmp_path_factory, tiny_stores)["checkpoints"][0]
+    out = tmp_path / "preds.zarr"
+    args = ["infer", "--ckpt_path", ckpt, "--out", str(out), "--tiers", "final_test_main", "--accelerator", "cpu"]
+    code = (
+        "import sys, time\n"
+        "from lightning_sensorium.callbacks.prediction_writer import ZarrPredictionWriter\n"
+        "from lightning_sensorium.cli import main\n"
+        "original = ZarrPredictionWriter.write\n"
+        "def slow(self, *args):\n"
+        "    original(self, *args)\n"
+        "    time.sleep(0.5)\n"
+        "ZarrPredictionWriter.write = slow\n"
+        f"main({[*args, '--quiet']!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(".tmp-" in p.name for p in tmp_path.iterdir()):
+        time.sleep(0.1)
+    time.sleep(1.0)  # inside the streaming writes (0.5 s a batch)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".preds.zarr.tmp-")]
+    assert not out.exists()
+    assert main([*args, "--quiet"]) == 0
+    assert out.is_dir() and not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
