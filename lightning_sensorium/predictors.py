@@ -178,6 +178,20 @@ def predict_phases(model: BatchModel, batch: Mapping[str, Any], frame_step: int)
     return out  # (B, N, T)
 
 
+def _window_batch(batch: Mapping[str, Any], video: Tensor, idx: Tensor) -> dict[str, Any]:
+    """The model inputs of every window ``idx`` ``(W, L)`` (raw frames) of every trial of ``batch``, one sample each."""
+    b, (w, length) = video.shape[0], idx.shape
+    windows: dict[str, Any] = {"mouse_id": batch["mouse_id"]}
+    # (B, C, W, L, ...) → (B·W, C, L, ...): every window of every trial is one sample.
+    clip = video[:, :, idx]  # (B, C, W, L, H, W_px)
+    windows["video"] = clip.transpose(1, 2).reshape(b * w, clip.shape[1], length, *clip.shape[4:])
+    for key in ("behavior", "pupil_center"):
+        if batch.get(key) is not None:
+            sig = batch[key][:, :, idx]  # (B, 2, W, L)
+            windows[key] = sig.transpose(1, 2).reshape(b * w, sig.shape[1], length)  # (B·W, 2, L)
+    return windows
+
+
 def predict_windows(
     model: BatchModel,
     batch: Mapping[str, Any],
@@ -218,16 +232,8 @@ def predict_windows(
     for i in range(0, len(ends), per_pass):
         chunk = torch.tensor(ends[i : i + per_pass], device=video.device)
         idx = chunk[:, None] + offsets[None, :]  # (W, L) raw frame of each window frame
-        w, length = idx.shape
-        windows: dict[str, Any] = {"mouse_id": batch["mouse_id"]}
-        # (B, C, W, L, ...) → (B·W, C, L, ...): every window of every trial is one sample.
-        clip = video[:, :, idx]  # (B, C, W, L, H, W_px)
-        windows["video"] = clip.transpose(1, 2).reshape(b * w, clip.shape[1], length, *clip.shape[4:])
-        for key in ("behavior", "pupil_center"):
-            if batch.get(key) is not None:
-                sig = batch[key][:, :, idx]  # (B, 2, W, L)
-                windows[key] = sig.transpose(1, 2).reshape(b * w, sig.shape[1], length)  # (B·W, 2, L)
-        pred = model(windows)  # (B·W, N, L')
+        w = idx.shape[0]
+        pred = model(_window_batch(batch, video, idx))  # (B·W, N, L')
         n, l_out = pred.shape[1], pred.shape[2]
         pred = pred.reshape(b, w, n, l_out).permute(0, 2, 1, 3).reshape(b, n, w * l_out)  # (B, N, W·L')
         frames = idx[:, -l_out:].reshape(-1)  # (W·L',) raw frame of each output
@@ -289,15 +295,7 @@ def predict_tiles(
         kept = torch.tensor([k for _, k in chunk], device=video.device)  # (W,)
         idx = ends[:, None] + offsets[None, :]  # (W, L) raw frame of each window frame
         w = idx.shape[0]
-        windows_batch: dict[str, Any] = {"mouse_id": batch["mouse_id"]}
-        # (B, C, W, L, ...) → (B·W, C, L, ...): every window of every trial is one sample.
-        clip = video[:, :, idx]  # (B, C, W, L, H, W_px)
-        windows_batch["video"] = clip.transpose(1, 2).reshape(b * w, clip.shape[1], window, *clip.shape[4:])
-        for key in ("behavior", "pupil_center"):
-            if batch.get(key) is not None:
-                sig = batch[key][:, :, idx]  # (B, 2, W, L)
-                windows_batch[key] = sig.transpose(1, 2).reshape(b * w, sig.shape[1], window)  # (B·W, 2, L)
-        pred = model(windows_batch)  # (B·W, N, L')
+        pred = model(_window_batch(batch, video, idx))  # (B·W, N, L')
         n, l_out = pred.shape[1], pred.shape[2]
         if l_out < stride:
             raise ValueError(

@@ -217,14 +217,26 @@ def test_convert_on_a_full_disk_says_so_in_one_line(
     assert _names(tiny_disk) == []
 
 
-def test_a_convert_killed_mid_write_is_cleaned_up_by_the_next_run(tiny_release: Path, tmp_path: Path) -> None:
-    """SIGKILL during `convert`: no store appears, only its temporary; the next `convert` removes that temporary
-    (its process is dead) and writes the store."""
+def _kill_once_a_temporary_appears(code: str, folder: Path, settle: float = 1.0) -> None:
+    """Run ``code`` in a Python process, SIGKILL it ``settle`` seconds after a ``.tmp-`` temporary shows up in
+    ``folder`` (the writer is then inside its writes), and wait for it."""
     import signal
     import subprocess
     import sys
     import time
 
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (folder.exists() and any(".tmp-" in p.name for p in folder.iterdir())):
+        time.sleep(0.1)
+    time.sleep(settle)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_convert_killed_mid_write_is_cleaned_up_by_the_next_run(tiny_release: Path, tmp_path: Path) -> None:
+    """SIGKILL during `convert`: no store appears, only its temporary; the next `convert` removes that temporary
+    (its process is dead) and writes the store."""
     from lightning_sensorium.data.convert import convert
     from tests.conftest import sessions
 
@@ -240,13 +252,7 @@ def test_a_convert_killed_mid_write_is_cleaned_up_by_the_next_run(tiny_release: 
         "store_writer.check_trial_values = slow\n"
         f"convert([{str(session)!r}], {str(out)!r}, progress=False)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (out.exists() and any(".tmp-" in p.name for p in out.iterdir())):
-        time.sleep(0.1)
-    time.sleep(1.0)  # well inside the write (0.2 s a trial)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_once_a_temporary_appears(code, out)
     left = [p.name for p in out.iterdir()]
     assert len(left) == 1 and ".tmp-" in left[0]  # the temporary, no store
     (store,) = convert([session], out, progress=False)
@@ -276,11 +282,6 @@ def test_an_infer_killed_mid_write_is_cleaned_up_by_the_next_run(
 ) -> None:
     """SIGKILL during `infer`: no prediction store appears, only its temporary; the next `infer` to the same
     destination removes it and writes the store."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from lightning_sensorium.cli import main
     from tests.test_evaluate import fitted
 
@@ -298,13 +299,7 @@ def test_an_infer_killed_mid_write_is_cleaned_up_by_the_next_run(
         "ZarrPredictionWriter.write = slow\n"
         f"main({[*args, '--quiet']!r})\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(".tmp-" in p.name for p in tmp_path.iterdir()):
-        time.sleep(0.1)
-    time.sleep(1.0)  # inside the streaming writes (0.5 s a batch)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_once_a_temporary_appears(code, tmp_path)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".preds.zarr.tmp-")]
     assert not out.exists()
     assert main([*args, "--quiet"]) == 0
