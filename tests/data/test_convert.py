@@ -452,6 +452,11 @@ VALUE_BREAKS: dict[str, tuple[Callable[[Path], None], str]] = {
         r"data/responses/3.npy: Inf at frame 40; the release holds finite values",
     ),
     "inf video": (lambda s: _set(s, "videos", 1, (5, 6, 0), -np.inf), r"data/videos/1.npy: Inf at frame 0"),
+    "inf behaviour": (lambda s: _set(s, "behavior", 4, (1, 30), np.inf), r"data/behavior/4.npy: Inf at frame 30"),
+    "inf pupil centre": (
+        lambda s: _set(s, "pupil_center", 5, (0, 12), -np.inf),
+        r"data/pupil_center/5.npy: Inf at frame 12",
+    ),
     "nan gap in pupil centre": (
         lambda s: _set(s, "pupil_center", 2, (0, 10), np.nan),
         r"data/pupil_center/2.npy: NaN at frame 10 with data after it \(frame 11\)",
