@@ -41,7 +41,7 @@ format: install ## apply ruff fixes and formatting
 demo: install ## synthesise 3 demo mice (if missing), convert them to zarr, train the factorized CPU recipe 5 minutes, evaluate
 	$(BIN)/python -m lightning_sensorium.demo --data $(DATA)
 
-bench: install ## benchmarks: data loading (store, demo batches), readout reads, the strided first layer, float32 vs bf16 steps, training memory (figures go to BENCHMARKS.md)
+bench: install ## benchmarks: data loading (store, demo batches), readout reads, the strided first layer, float32 vs bf16 steps, training memory, torch.compile (figures go to BENCHMARKS.md)
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_readout.py
 	$(BIN)/python benchmarks/bench_strided_conv.py
@@ -49,6 +49,7 @@ bench: install ## benchmarks: data loading (store, demo batches), readout reads,
 	$(BIN)/python benchmarks/bench_precision.py --data $(STORES)
 	$(BIN)/python benchmarks/bench_loader.py --data $(STORES)
 	$(BIN)/python benchmarks/bench_memory.py --data $(STORES)
+	$(BIN)/python benchmarks/bench_compile.py --data $(STORES)
 
 clean: ## remove the demo data and run logs (keeps .venv)
 	rm -rf $(DATA) runs lightning_logs

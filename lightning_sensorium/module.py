@@ -80,6 +80,9 @@ class SensoriumModule(L.LightningModule):
         distill_ratio: share of the loss carried by the teacher targets (DwiseNeuro: 0.36).
         float32_readout: under autocast, readouts, shifters and output activation in float32 (see
             :class:`Encoder`); the core stays in low precision.
+        compile_core: compile the core's forward with ``torch.compile`` (in place: ``nn.Module.compile``, so the
+            checkpoint's keys do not change). The first batches of each shape pay the compilation; outputs equal
+            the eager core's within float tolerance (BENCHMARKS.md, "torch.compile of every core").
         log_figures: add a :class:`~lightning_sensorium.callbacks.figures.FigureLogger` (traces, correlation
             histograms and readout positions in TensorBoard).
         neurons: per-mouse neuron info — linked from the datamodule, or restored from the checkpoint.
@@ -110,6 +113,7 @@ class SensoriumModule(L.LightningModule):
         teachers: list[str] | None = None,
         distill_ratio: float = 0.36,
         float32_readout: bool = False,
+        compile_core: bool = False,
         log_figures: bool = True,
         neurons: dict[str, NeuronInfo] | None = None,
         dataset_sizes: dict[str, int] | None = None,
@@ -152,6 +156,8 @@ class SensoriumModule(L.LightningModule):
         self.neurons: dict[str, NeuronInfo] = {}
         # The core is held by the encoder only; per-mouse parts are added once the neurons are known.
         self.encoder = Encoder(core, nn.ModuleDict(), None, output_activation, float32_readout)
+        if compile_core:
+            core.compile()  # the forward only; parameters and state_dict keys stay the core's own
         if neurons:
             self._build(neurons)
         self.metrics = nn.ModuleDict()  # "stage::tier::mouse" → MetricGroup

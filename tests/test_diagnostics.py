@@ -156,3 +156,11 @@ def test_bench_memory_measures_and_estimates(tiny_stores: Path) -> None:
     bench = _script("bench_memory")
     result = bench.measure("factorized", str(tiny_stores), 2, 24)
     assert result["estimate_gib"] > 0 and result["measured_gib"] >= 0
+
+
+def test_bench_compile_reports_breaks_and_both_step_times(tiny_stores: Path) -> None:
+    bench = _script("bench_compile")
+    rows = bench.main(["--configs", "factorized", "--data", str(tiny_stores), "--iters", "1"])
+    row = rows["factorized"]
+    assert row["breaks"] == 0 and row["reasons"] == []  # the factorized core compiles as one graph
+    assert row["first"] > 0 and row["eager"] > 0 and row["compiled"] > 0
