@@ -188,14 +188,23 @@ def atomic_dir(dest: str | Path, *, overwrite: bool = True, needed: int | None =
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling file (parent folders made); replaces an old file."""
-    path = Path(path)
-    tmp = temporary_sibling(path, directory=False)
+@contextlib.contextmanager
+def atomic_file(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling file of ``dest`` to write; :func:`place` it at ``dest`` when the block succeeds
+    (replacing an old file). If the block raises, the temporary is removed and ``dest`` is untouched; a disk that
+    fills up raises :class:`DiskFullError`."""
+    dest = Path(dest)
+    tmp = temporary_sibling(dest, directory=False)
     try:
-        with _disk_full_as_one_error(path):
-            tmp.write_text(text)
-            place(tmp, path)
+        with _disk_full_as_one_error(dest):
+            yield tmp
+            place(tmp, dest)
     except BaseException:
         remove(tmp)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling file (parent folders made); replaces an old file."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)

@@ -21,7 +21,7 @@ from typing import Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-from lightning_sensorium.atomic import place, remove, temporary_sibling
+from lightning_sensorium.atomic import atomic_file
 from lightning_sensorium.data.store import MouseStore
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,9 @@ def viv1t_statistics(store: MouseStore) -> dict[str, np.ndarray]:
     ``t = min(t_pad, 300)`` frames: ``video_mean``, ``video_std`` ``(t, H, W)``; ``response_std`` ``(t, N)``;
     ``behavior_min``/``_max``, ``pupil_center_min``/``_max`` ``(t, 2)``; ``count`` ``(t,)`` train trials per
     frame; ``response_mean`` ``(N,)`` each neuron's mean over all train frames on ViV1T's response scale. One read
-    of every train trial; the result is kept in ``<root>/.<mouse_id>.viv1t.npz`` (keyed by the store's source
-    fingerprint and layout) so later runs skip the read; a read-only folder only costs the read every time.
+    of every train trial; the result is kept in ``<root>/<mouse_id>.zarr.viv1t-statistics.npz`` (keyed by the
+    store's source fingerprint and layout) so later runs skip the read; a read-only folder only costs the read every
+    time.
     """
     cache = _viv1t_cache_path(store)
     key = _viv1t_cache_key(store)
@@ -194,15 +195,10 @@ def viv1t_statistics(store: MouseStore) -> dict[str, np.ndarray]:
             log.info("%s: ignoring the cached ViV1T statistics (%s)", cache, err)
     stats = _compute_viv1t_statistics(store)
     if cache is not None:
-        tmp = None
         try:
-            tmp = temporary_sibling(cache, directory=False)
-            with open(tmp, "wb") as f:
+            with atomic_file(cache) as tmp, open(tmp, "wb") as f:
                 np.savez(f, key=np.array(key), **stats)  # type: ignore[arg-type]  # the stub types **kwds as allow_pickle
-            place(tmp, cache)
         except OSError as err:  # a read-only data folder: computed again next time
-            if tmp is not None:
-                remove(tmp)
             log.info("%s: could not cache ViV1T's statistics (%s)", cache, err)
     return stats
 

@@ -296,6 +296,16 @@ class MouseStore:
         }
 
     @cached_property
+    def checksums(self) -> dict[str, np.ndarray]:
+        """CRC-32 of each trial chunk as ``convert`` wrote it, per array (``videos``, ``responses``, ``rates``):
+        ``(trial,)`` uint32, 0 where not written; empty for stores converted before format 4."""
+        root = self._root()
+        if "checksums" not in root:
+            return {}
+        group: Any = root["checksums"]
+        return {name: np.asarray(group[name][...]) for name in group.array_keys()}
+
+    @cached_property
     def ground_truth(self) -> dict[str, np.ndarray]:
         """Generator ground truth of synthetic mice: ``clip_id`` and ``stimulus_type`` codes (empty if none)."""
         if not self.has_ground_truth:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -44,14 +43,6 @@ class StoreReport:
         return not self.problems
 
 
-def _recorded_checksums(store: MouseStore) -> dict[str, np.ndarray]:
-    root = store._root()
-    if "checksums" not in root:
-        return {}
-    group: Any = root["checksums"]
-    return {name: np.asarray(group[name][...]) for name in group.array_keys()}
-
-
 def _check_small(store: MouseStore, report: StoreReport) -> None:
     bad = np.flatnonzero((store.length < 1) | (store.length > store.t_pad))
     if bad.size:
@@ -72,14 +63,17 @@ def _check_small(store: MouseStore, report: StoreReport) -> None:
 
 def verify_store(path: str | Path, advance: Callable[[], None] | None = None) -> StoreReport:
     """Check one store (``advance()`` after each trial); never raises for damage, reports it."""
-    report = StoreReport(str(path))
     try:
         store = MouseStore(path)
     except (StoreError, FileNotFoundError) as err:
-        report.add(str(err))
-        return report
+        return StoreReport(str(path), [str(err)])
+    return _verify_open(store, str(path), advance)
+
+
+def _verify_open(store: MouseStore, path: str, advance: Callable[[], None] | None) -> StoreReport:
+    report = StoreReport(path)
     _check_small(store, report)
-    recorded = _recorded_checksums(store)
+    recorded = store.checksums
     report.checksums = bool(recorded)
     for trial in range(store.num_trials):
         try:
@@ -101,15 +95,19 @@ def verify_store(path: str | Path, advance: Callable[[], None] | None = None) ->
 
 
 def verify(paths: Sequence[str | Path], progress: bool = True) -> list[StoreReport]:
-    """Check several stores, one after the other, with one progress bar over their trials."""
+    """Check several stores, one after the other, with one progress bar over their trials (each store opened once)."""
     from rich.progress import Progress
 
-    counts = []
+    opened: list[MouseStore | StoreReport] = []
     for p in paths:
         try:
-            counts.append(MouseStore(p).num_trials)
-        except (StoreError, FileNotFoundError):
-            counts.append(0)
+            opened.append(MouseStore(p))
+        except (StoreError, FileNotFoundError) as err:
+            opened.append(StoreReport(str(p), [str(err)]))
+    total = sum(s.num_trials for s in opened if isinstance(s, MouseStore))
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("verifying", total=sum(counts))
-        return [verify_store(p, lambda: bar.advance(task)) for p in paths]
+        task = bar.add_task("verifying", total=total)
+        return [
+            _verify_open(s, str(p), lambda: bar.advance(task)) if isinstance(s, MouseStore) else s
+            for p, s in zip(paths, opened, strict=True)
+        ]
