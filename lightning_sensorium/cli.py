@@ -517,10 +517,11 @@ def main(args: Sequence[str] | None = None) -> Any:
         if args is not None:
             return run_lightning(full)  # Python callers get the CLI object (and any exception)
         from lightning_sensorium.callbacks.memory import InsufficientMemoryError
+        from lightning_sensorium.module import PretrainedError
 
         try:
             run_lightning(None)  # from the console: LightningCLI reads sys.argv (given again, it only warns)
-        except InsufficientMemoryError as err:  # raised before training: one line that says what to do instead
+        except (InsufficientMemoryError, PretrainedError) as err:  # before training: one line, what to do instead
             print(f"{PROG} {argv[0]}: error: {err}", file=sys.stderr)
             sys.exit(2)
         return None  # console scripts call sys.exit(main())

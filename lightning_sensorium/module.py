@@ -15,7 +15,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 #: Checkpoint key holding the neuron info, so a checkpoint loads without the data.
 NEURONS_KEY = "sensorium_neurons"
+
+
+class PretrainedError(ValueError):
+    """``model.pretrained`` cannot seed this model (raised before training; the CLI prints it as one line)."""
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -80,6 +84,17 @@ class SensoriumModule(L.LightningModule):
         distill_ratio: share of the loss carried by the teacher targets (DwiseNeuro: 0.36).
         float32_readout: under autocast, readouts, shifters and output activation in float32 (see
             :class:`Encoder`); the core stays in low precision.
+        pretrained: a checkpoint of this project whose core seeds this model (transfer to new mice, docs/training.md
+            "Transfer to new mice"): loaded when a fit starts, after the configuration is checked against it (core
+            shapes, frame size, frame step, input normalisation); a resumed fit restores its own weights instead.
+        pretrained_readouts: mice the checkpoint also knows (same unit ids) ``keep`` its readout and shifter, or
+            ``reinit`` them; mice it does not know always get fresh ones.
+        pretrained_shifter: the shifter of a mouse without one in the checkpoint: ``fresh``, or ``mean``: the
+            parameter mean of the checkpoint's shifters (a shared gaze-to-shift map as the starting point).
+        freeze_core: keep the core's weights and buffers fixed (no gradients, BatchNorm and dropout in eval mode):
+            only readouts and shifters train. Needs ``pretrained`` or a core trained otherwise.
+        core_lr: learning rate of the core's parameter group (fine-tuning a pretrained core gently); default: the
+            optimizer's.
         compile_core: compile the core's forward with ``torch.compile`` (in place: ``nn.Module.compile``, so the
             checkpoint's keys do not change). The first batches of each shape pay the compilation; outputs equal
             the eager core's within float tolerance (BENCHMARKS.md, "torch.compile of every core").
@@ -113,6 +128,11 @@ class SensoriumModule(L.LightningModule):
         teachers: list[str] | None = None,
         distill_ratio: float = 0.36,
         float32_readout: bool = False,
+        pretrained: str | None = None,
+        pretrained_readouts: Literal["keep", "reinit"] = "keep",
+        pretrained_shifter: Literal["fresh", "mean"] = "fresh",
+        freeze_core: bool = False,
+        core_lr: float | None = None,
         compile_core: bool = False,
         log_figures: bool = True,
         neurons: dict[str, NeuronInfo] | None = None,
@@ -149,6 +169,15 @@ class SensoriumModule(L.LightningModule):
         self.teacher_paths = list(teachers or [])
         self.distill_ratio = distill_ratio
         self._teachers: list[SensoriumModule] = []  # loaded in on_fit_start; a plain list: not submodules
+        if pretrained_readouts not in ("keep", "reinit"):
+            raise ValueError(f"model.pretrained_readouts={pretrained_readouts!r}: expected 'keep' or 'reinit'")
+        if pretrained_shifter not in ("fresh", "mean"):
+            raise ValueError(f"model.pretrained_shifter={pretrained_shifter!r}: expected 'fresh' or 'mean'")
+        if core_lr is not None and freeze_core:
+            raise ValueError("model.core_lr and model.freeze_core=true: a frozen core has no learning rate")
+        self.pretrained = pretrained
+        self.pretrained_readouts, self.pretrained_shifter = pretrained_readouts, pretrained_shifter
+        self.freeze_core, self.core_lr = freeze_core, core_lr
         self.log_figures = log_figures
         self.dataset_sizes = dict(dataset_sizes or {})
         self.video_shape: tuple[int, int] = (int(video_shape[0]), int(video_shape[1]))
@@ -156,6 +185,8 @@ class SensoriumModule(L.LightningModule):
         self.neurons: dict[str, NeuronInfo] = {}
         # The core is held by the encoder only; per-mouse parts are added once the neurons are known.
         self.encoder = Encoder(core, nn.ModuleDict(), None, output_activation, float32_readout)
+        if freeze_core:
+            core.requires_grad_(False)
         if compile_core:
             core.compile()  # the forward only; parameters and state_dict keys stay the core's own
         if neurons:
@@ -198,10 +229,7 @@ class SensoriumModule(L.LightningModule):
         checkpoint["sensorium_dataset_sizes"] = self.dataset_sizes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = {
-            m: NeuronInfo(mouse_id=m, **{k: torch.as_tensor(v).numpy() for k, v in d.items()})
-            for m, d in checkpoint.get(NEURONS_KEY, {}).items()
-        }
+        saved = _saved_neurons(checkpoint)
         if not self.neurons:
             self._build(saved)
             self.dataset_sizes = dict(checkpoint.get("sensorium_dataset_sizes", {}))
@@ -229,14 +257,31 @@ class SensoriumModule(L.LightningModule):
         return self.whole_trial_predictor(batch)
 
     # ------------------------------------------------------------------------------------------------ training
+    def train(self, mode: bool = True) -> SensoriumModule:
+        """As ``nn.Module.train``; a frozen core stays in eval mode (its BatchNorm statistics and dropout fixed)."""
+        super().train(mode)
+        if self.freeze_core:
+            self.encoder.core.eval()
+        return self
+
     def setup(self, stage: str) -> None:
-        """Under DDP with several mice, let DDP skip the parameters a batch does not use.
+        """Load ``pretrained`` (before Lightning restores a resumed fit's own weights) and, under DDP with several
+        mice, let DDP skip the parameters a batch does not use.
 
         A per-mouse batch (and a mixed batch that happens to miss a mouse) leaves the other mice's readouts and
         shifters without gradients, which plain DDP refuses at the next step ("Expected to have finished
         reduction"). Lightning builds the DDP wrapper after this hook, so ``find_unused_parameters`` is switched
         on here, once, instead of asking every user for ``strategy: ddp_find_unused_parameters_true``.
         """
+        if stage == "fit" and self.pretrained is not None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.load_pretrained(self.pretrained, dict(getattr(datamodule, "hparams", {}) or {}))
+        if stage == "fit" and self.freeze_core:
+            self.encoder.core.eval()  # Lightning keeps the modes it is given (and restores them after validation)
+        self._ddp_unused_parameters(stage)
+
+    def _ddp_unused_parameters(self, stage: str) -> None:
+        """Under DDP with several mice, switch ``find_unused_parameters`` on (see :meth:`setup`)."""
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = self.trainer.strategy
@@ -272,6 +317,55 @@ class SensoriumModule(L.LightningModule):
             raise ValueError(f"model.teachers: {path}: {err}") from err
         teacher.eval().requires_grad_(False)
         return teacher
+
+    # --------------------------------------------------------------------------------------------- transfer
+    def load_pretrained(self, path: str, data_hparams: Mapping[str, Any] | None = None) -> None:
+        """Seed this model from checkpoint ``path`` (``model.pretrained``): its core, and the per-mouse parts as
+        ``pretrained_readouts`` and ``pretrained_shifter`` say. Everything is checked before any weight changes;
+        a mismatch is a ``ValueError`` naming the option and what differs. ``data_hparams``: this fit's data
+        settings, compared with the checkpoint's where they change what the core sees."""
+        ckpt = _read_checkpoint(path, "model.pretrained")
+        state: dict[str, Tensor] = ckpt["state_dict"]
+        encoder = self._require_encoder()
+        _check_same_inputs(path, ckpt, self, dict(data_hparams or {}))
+        core_state = {k.removeprefix("encoder.core."): v for k, v in state.items() if k.startswith("encoder.core.")}
+        _check_same_shapes(path, "core", core_state, encoder.core.state_dict())
+        saved = _saved_neurons(ckpt)
+        keep = [m for m in self.neurons if m in saved] if self.pretrained_readouts == "keep" else []
+        try:
+            check_same_neurons(
+                {m: saved[m] for m in keep}, self.neurons, names=(f"model.pretrained {path}", "the data"), mice="shared"
+            )
+        except ValueError as err:
+            raise PretrainedError(
+                f"{err}; set model.pretrained_readouts=reinit to give those mice fresh readouts"
+            ) from err
+        parts: dict[str, dict[str, Tensor]] = {}  # "readouts.<mouse>" / "shifters.<mouse>" → its state
+        for mouse in keep:
+            for kind in ("readouts", "shifters"):
+                prefix = f"encoder.{kind}.{mouse}."
+                part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+                module = getattr(encoder, kind)
+                if part and module is not None:
+                    _check_same_shapes(path, f"{kind[:-1]} of mouse {mouse}", part, module[mouse].state_dict())
+                    parts[f"{kind}.{mouse}"] = part
+        if self.pretrained_shifter == "mean" and encoder.shifters is not None:
+            mean = _mean_shifter(path, state)
+            for mouse in self.neurons:
+                if f"shifters.{mouse}" not in parts:
+                    _check_same_shapes(path, "shifter", mean, encoder.shifters[mouse].state_dict())
+                    parts[f"shifters.{mouse}"] = mean
+        encoder.core.load_state_dict(core_state)
+        for name, part in parts.items():
+            kind, mouse = name.split(".", 1)
+            getattr(encoder, kind)[mouse].load_state_dict(part)
+        log.info(
+            "model.pretrained %s: core loaded (%s); readouts kept for %s, fresh for %s",
+            path,
+            "frozen" if self.freeze_core else "trained" + (f" at lr {self.core_lr}" if self.core_lr else ""),
+            keep or "no mouse",
+            [m for m in self.neurons if m not in keep] or "no mouse",
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         mouse = batch["mouse_id"]
@@ -469,7 +563,12 @@ class SensoriumModule(L.LightningModule):
     # -------------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         groups = self._require_encoder().parameter_groups()
-        param_groups: list[dict[str, Any]] = [{"params": groups["core"], "name": "core"}]
+        param_groups: list[dict[str, Any]] = []
+        if not self.freeze_core:
+            core_group: dict[str, Any] = {"params": groups["core"], "name": "core"}
+            if self.core_lr is not None:
+                core_group["lr"] = self.core_lr
+            param_groups.append(core_group)
         readout_group: dict[str, Any] = {"params": groups["readout"], "name": "readout"}
         if self.readout_lr is not None:
             readout_group["lr"] = self.readout_lr
@@ -501,6 +600,86 @@ class SensoriumModule(L.LightningModule):
             )
         accumulate = max(self._batches_per_mouse_cycle, trainer.accumulate_grad_batches)
         return max(1, math.ceil(int(batches) / accumulate))
+
+
+def _saved_neurons(checkpoint: Mapping[str, Any]) -> dict[str, NeuronInfo]:
+    """The per-mouse neuron info a checkpoint carries under :data:`NEURONS_KEY`."""
+    return {
+        m: NeuronInfo(mouse_id=m, **{k: torch.as_tensor(v).numpy() for k, v in d.items()})
+        for m, d in checkpoint.get(NEURONS_KEY, {}).items()
+    }
+
+
+def _read_checkpoint(path: str, option: str) -> dict[str, Any]:
+    """A checkpoint of this project (``option`` names the setting in errors)."""
+    file = Path(path)
+    if not file.is_file():
+        raise PretrainedError(f"{option}: no checkpoint {path!r}")
+    try:
+        # Our checkpoints carry numpy RNG states (resumable fits): not loadable with weights_only=True.
+        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise PretrainedError(f"{option}: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or NEURONS_KEY not in ckpt:
+        raise PretrainedError(
+            f"{option}: {path} is not a lightning_sensorium checkpoint (no state_dict and neurons); an original "
+            "team's weights are imported first with `lightning-sensorium import-weights`"
+        )
+    return ckpt
+
+
+def _check_same_inputs(path: str, ckpt: Mapping[str, Any], model: SensoriumModule, data: Mapping[str, Any]) -> None:
+    """Raise unless the checkpoint's core saw inputs like this fit's: frame size, frame step, normalisation."""
+    hp, dm = ckpt.get("hyper_parameters", {}), ckpt.get("datamodule_hyper_parameters", {})
+    checks = [
+        ("model.video_shape (the frame size)", hp.get("video_shape"), model.video_shape),
+        ("model.frame_step", hp.get("frame_step", 1), model.frame_step),
+        ("data.normalization", dm.get("normalization", "official"), data.get("normalization", "official")),
+        ("data.input_statistics", dm.get("input_statistics", "per_frame"), data.get("input_statistics", "per_frame")),
+    ]
+    for name, theirs, ours in checks:
+        if theirs is None or not data and name.startswith("data."):
+            continue
+        if tuple(np.atleast_1d(theirs)) != tuple(np.atleast_1d(ours)):
+            raise PretrainedError(
+                f"model.pretrained {path}: its core was trained with {name}={theirs!r}, this fit has {ours!r}; the "
+                "core cannot take these inputs (use data of the same format, or the checkpoint's setting)"
+            )
+
+
+def _check_same_shapes(path: str, what: str, theirs: Mapping[str, Tensor], ours: Mapping[str, Tensor]) -> None:
+    """Raise unless the two state dicts have the same keys and shapes (the first differences named)."""
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    shapes = [
+        f"{k}: {tuple(theirs[k].shape)} in the checkpoint, {tuple(ours[k].shape)} here"
+        for k in ours
+        if k in theirs and theirs[k].shape != ours[k].shape
+    ]
+    if missing or extra or shapes:
+        details = [*(f"{k} missing" for k in missing), *(f"{k} unexpected" for k in extra), *shapes]
+        raise PretrainedError(
+            f"model.pretrained {path}: the {what} does not fit this configuration ({'; '.join(details[:4])}"
+            f"{'; …' if len(details) > 4 else ''}); configure model.core as the checkpoint's run did "
+            "(its config.yaml) — a different behaviour or pupil input changes the core's input channels too"
+        )
+
+
+def _mean_shifter(path: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The parameter mean of the checkpoint's per-mouse shifters (``model.pretrained_shifter: mean``)."""
+    mice = sorted({k.split(".")[2] for k in state if k.startswith("encoder.shifters.")})
+    if not mice:
+        raise PretrainedError(
+            f"model.pretrained_shifter=mean: {path} has no shifters (set model.pretrained_shifter=fresh)"
+        )
+    parts = [
+        {
+            k.removeprefix(f"encoder.shifters.{m}."): v
+            for k, v in state.items()
+            if k.startswith(f"encoder.shifters.{m}.")
+        }
+        for m in mice
+    ]
+    return {k: torch.stack([p[k].float() for p in parts]).mean(0).to(parts[0][k].dtype) for k in parts[0]}
 
 
 def _unscaled(responses: Tensor, scale: Tensor | None) -> Tensor:

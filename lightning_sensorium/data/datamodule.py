@@ -56,6 +56,15 @@ def _mouse_key(mouse: str) -> int:
     return zlib.crc32(mouse.encode())
 
 
+def clip_subset(trials: np.ndarray, clip_ids: np.ndarray, fraction: float, seed: int, mouse: str = "") -> np.ndarray:
+    """The trials of a seeded ``fraction`` of the distinct clips (at least one), in their order: the same seed's
+    clip order for every fraction, so a smaller share is a subset of a larger one."""
+    clips = np.unique(clip_ids)
+    order = np.random.default_rng([seed, _mouse_key(mouse), 1]).permutation(len(clips))
+    keep = clips[order[: max(1, round(fraction * len(clips)))]]
+    return trials[np.isin(clip_ids, keep)]
+
+
 def assign_folds(clip_ids: np.ndarray, num_folds: int, seed: int, mouse: str = "") -> np.ndarray:
     """The fold (``0 … num_folds - 1``) of each trial, whole clips per fold, folds balanced in trials.
 
@@ -317,6 +326,9 @@ class SensoriumDataModule(L.LightningDataModule):
             kit's early stopping does (``Subsequence(frames=80, offset=-1)`` on the oracle loader of
             https://github.com/ecker-lab/sensorium_2023/blob/main/sensorium/datasets/mouse_video_loaders.py, scored by
             ``get_correlations`` of ``sensorium/utility/scores.py``). ``test``/``evaluate`` read whole trials.
+        train_fraction: train on this share of each mouse's training trials (whole clips, a seeded choice; the
+            subsets of smaller fractions lie inside those of larger ones): data-efficiency curves and transfer to a
+            new mouse with little data (docs/training.md, "Transfer to new mice"). ``1.0``: all.
         frames: frames per training window.
         frame_step: take every ``frame_step``-th frame of the window (DwiseNeuro uses 2).
         batch_size: training windows per batch.
@@ -371,6 +383,7 @@ class SensoriumDataModule(L.LightningDataModule):
         num_folds: int | None = None,
         fold: int = 0,
         val_windows: ValWindows = "whole_trials",
+        train_fraction: float = 1.0,
         frames: int = 80,
         frame_step: int = 1,
         batch_size: int = 8,
@@ -405,6 +418,9 @@ class SensoriumDataModule(L.LightningDataModule):
             unknown = [t for t in tiers if t not in TIERS]
             if unknown:
                 raise ValueError(f"data.{name}: unknown tier(s) {unknown}; expected some of {list(TIERS)}")
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"data.train_fraction={train_fraction}: expected a share in (0, 1]")
+        self.train_fraction = train_fraction
         if frames < 1 or frame_step < 1:
             raise ValueError(f"data.frames={frames} and data.frame_step={frame_step} must be ≥ 1")
         self.frames, self.frame_step = frames, frame_step
@@ -555,7 +571,10 @@ class SensoriumDataModule(L.LightningDataModule):
             trials = pool[folds != self.fold]
         else:
             trials = self.tier_trials(mouse, self.train_tiers)
-        return trials[self.stores[mouse].length[trials] >= self.span]
+        trials = trials[self.stores[mouse].length[trials] >= self.span]
+        if self.train_fraction < 1.0:
+            trials = clip_subset(trials, self.stores[mouse].clip_id[trials], self.train_fraction, self.seed, mouse)
+        return trials
 
     def _warn_if_testing_training_trials(self) -> None:
         """Say so when ``test`` would score trials that training reads (a test tier in ``train_tiers`` of mice whose
