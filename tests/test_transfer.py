@@ -198,3 +198,24 @@ def test_train_fraction_takes_nested_shares_of_whole_clips(tiny_stores: Path) ->
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="data.train_fraction"):
             SensoriumDataModule(root=str(tiny_stores), train_fraction=bad)
+
+
+def test_transfer_curve_runs_at_tiny_size_and_resumes(pretrained: Path, tmp_path: Path) -> None:
+    from tests.test_diagnostics import _script
+
+    curve = _script("transfer_curve")
+    out, figure = tmp_path / "curve.json", tmp_path / "curve.png"
+    argv = [
+        "--pretrained", str(pretrained), "--fractions", "0.5", "1", "--neurons", "24", "--max-steps", "2",
+        "--train-trials", "12", "--tiny", "--work", str(tmp_path / "work"), "--out", str(out), "--figure", str(figure),
+    ]  # fmt: skip
+    points = curve.main(argv)
+    assert {(p["mode"], p["fraction"]) for p in points} == {(m, f) for m in curve.MODES for f in (0.5, 1.0)}
+    for p in points:
+        assert p["steps"] == 2 and 0 < p["ground_truth_corr"] <= 1 and abs(p["fraction_of_ground_truth"]) < 2
+        assert (p["fraction"] == 1.0) == (p["train_trials"] == max(q["train_trials"] for q in points))
+    frozen = next(p for p in points if p["mode"] == "frozen")
+    saved = _core_state(Path(frozen["checkpoint"]))
+    assert all(torch.equal(v, saved[k]) for k, v in _core_state(pretrained).items())
+    assert figure.stat().st_size > 10_000
+    assert curve.main(argv) == points  # everything in --out: nothing refitted
