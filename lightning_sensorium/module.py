@@ -278,6 +278,8 @@ class SensoriumModule(L.LightningModule):
             self.load_pretrained(self.pretrained, dict(getattr(datamodule, "hparams", {}) or {}))
         if stage == "fit" and self.freeze_core:
             self.encoder.core.eval()  # Lightning keeps the modes it is given (and restores them after validation)
+            # ... and warns about them: here they are the point.
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         self._ddp_unused_parameters(stage)
 
     def _ddp_unused_parameters(self, stage: str) -> None:
