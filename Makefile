@@ -7,7 +7,7 @@ SYNTH  := $(DATA)/synthetic
 STORES := $(DATA)/stores
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint format demo bench clean
+.PHONY: help install test test-full lint format demo bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -29,14 +29,14 @@ test-full: install ## run every test, slow ones included (no GPU tests)
 	$(BIN)/pytest -m "not gpu" -q
 
 lint: install ## ruff lint + format check, mypy, the import layers (lint-imports, see pyproject.toml)
-	$(BIN)/ruff check lightning_sensorium tests benchmarks
-	$(BIN)/ruff format --check lightning_sensorium tests benchmarks
+	$(BIN)/ruff check lightning_sensorium tests benchmarks tools
+	$(BIN)/ruff format --check lightning_sensorium tests benchmarks tools
 	$(BIN)/mypy lightning_sensorium
 	$(BIN)/lint-imports --no-cache --no-logo
 
 format: install ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix lightning_sensorium tests benchmarks
-	$(BIN)/ruff format lightning_sensorium tests benchmarks
+	$(BIN)/ruff check --fix lightning_sensorium tests benchmarks tools
+	$(BIN)/ruff format lightning_sensorium tests benchmarks tools
 
 demo: install ## synthesise 3 demo mice (if missing), convert them to zarr, train the factorized CPU recipe 5 minutes, evaluate
 	$(BIN)/python -m lightning_sensorium.demo --data $(DATA)
@@ -50,6 +50,9 @@ bench: install ## benchmarks: data loading (store, demo batches), readout reads,
 	$(BIN)/python benchmarks/bench_loader.py --data $(STORES)
 	$(BIN)/python benchmarks/bench_memory.py --data $(STORES)
 	$(BIN)/python benchmarks/bench_compile.py --data $(STORES)
+
+gpu-check: install ## on a GPU machine (~8 min): every model at full size, bf16, eager and compiled; a 1-GPU ddp fit; runs/gpu_check.json
+	$(BIN)/python benchmarks/gpu_check.py --out runs/gpu_check.json
 
 clean: ## remove the demo data and run logs (keeps .venv)
 	rm -rf $(DATA) runs lightning_logs

@@ -21,7 +21,6 @@ Parity: the original's parameters are copied into ours, and both run on the same
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import types
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 
 from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.models import Encoder, Factorized3dCore, GaussianReadout, MLPShifter
+from lightning_sensorium.weights.starter_kit import factorized_key
 
 
 def import_original(path: str) -> types.SimpleNamespace:
@@ -99,20 +99,9 @@ def original_regularizer(model: nn.Module) -> Tensor:
 
 
 def copy_original_into(ours: Encoder, original: nn.Module) -> None:
-    """Load the original's parameters and buffers into ours (names mapped, shapes checked by load_state_dict)."""
-    state: dict[str, Tensor] = {}
-    for k, v in original.core.state_dict().items():
-        if "regularizer" in k:  # the Laplace filters: constants, not state in ours
-            continue
-        k = re.sub(r"^features\.layer(\d+)\.(conv_spatial|conv_temporal)(_\d+)?\.", r"layers.\1.\2.", k)
-        state["core." + re.sub(r"^features\.layer(\d+)\.norm\.", r"layers.\1.norm.", k)] = v
-    renames = {"mu_transform.": "grid_predictor.", "_features": "features"}
-    for k, v in original.readout[KEY].state_dict().items():
-        for old, new in renames.items():
-            k = k.replace(old, new)
-        state[f"readouts.{KEY}.{k}"] = v
-    for k, v in original.shifter[KEY].state_dict().items():
-        state[f"shifters.{KEY}.{k}"] = v
+    """Load the original's parameters and buffers into ours (names mapped by the importer's mapping,
+    lightning_sensorium.weights.starter_kit; shapes checked by load_state_dict)."""
+    state = {name: v for k, v in original.state_dict().items() if (name := factorized_key(k)) is not None}
     ours.load_state_dict(state, strict=True)
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import types
 import warnings
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 from lightning_sensorium.data.batch import NeuronInfo
 from lightning_sensorium.models import Encoder, GaussianReadout, MLPShifter
 from lightning_sensorium.models.cores.cnn_gru import CnnGruCore
+from lightning_sensorium.weights.starter_kit import gru_key
 
 
 def import_original(path: str) -> types.SimpleNamespace:
@@ -94,7 +94,8 @@ def build_original(orig: types.SimpleNamespace, neurons: NeuronInfo) -> nn.Modul
             gamma_hidden=500_000,
         )
         add_original_head(model, orig, neurons, (64, 28, 56))
-        model.gru = orig.gru(input_channels=64, rec_channels=64, input_kern=9, rec_kern=9, gamma_rec=0)
+        # VideoFiringRateEncoder's attribute name: the state dict keys are the starter kit's (gru_module.gru.*).
+        model.gru_module = orig.gru(input_channels=64, rec_channels=64, input_kern=9, rec_kern=9, gamma_rec=0)
     return model
 
 
@@ -110,7 +111,7 @@ def original_forward(model: nn.Module, video: Tensor, behavior: Tensor, pupil_ce
     x = model.core(x)  # (B·T, 64, H', W')
     x = x.reshape((b, -1) + x.size()[1:])  # (B, T, 64, H', W')
     x = torch.transpose(x, 1, 2)  # (B, 64, T, H', W')
-    x = model.gru(x)  # (B, 64, T, H', W')
+    x = model.gru_module(x)  # (B, 64, T, H', W')
     x = torch.transpose(x, 1, 2)  # (B, T, 64, H', W')
     return original_read(model, x, pupil_center)  # (B, N, T')
 
@@ -121,15 +122,9 @@ def original_regularizer(model: nn.Module) -> Tensor:
 
 
 def our_name(original_name: str) -> str | None:
-    """The name in ours of an original parameter or buffer, or None for the original's constants."""
-    if "rotate_hermite" in original_name or "regularizer" in original_name:  # Hermite basis, rotations, Laplace
-        return None
-    name = re.sub(r"^core\.features\.layer(\d+)\.hermite_conv\.", r"core.cnn.\1.conv.", original_name)
-    name = re.sub(r"^core\.features\.layer(\d+)\.norm\.batch_norm\.", r"core.cnn.\1.norm.", name)
-    name = re.sub(r"^gru\.gru\.", "core.gru.", name)
-    name = re.sub(rf"^readout\.{re.escape(KEY)}\.", f"readouts.{KEY}.", name)
-    name = re.sub(rf"^shifter\.{re.escape(KEY)}\.", f"shifters.{KEY}.", name)
-    return name.replace("mu_transform.", "grid_predictor.").replace("_features", "features")
+    """The name in ours of an original parameter or buffer, or None for the original's constants (the importer's
+    mapping: lightning_sensorium.weights.starter_kit)."""
+    return gru_key(original_name)
 
 
 def copy_original_into(ours: Encoder, original: nn.Module) -> None:

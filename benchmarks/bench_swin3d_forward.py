@@ -28,6 +28,7 @@ import re
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from lightning_sensorium.models.cores.swin3d import Swin3dCore
 from lightning_sensorium.models.encoder import Encoder
 from lightning_sensorium.models.readouts.hierarchical_gaussian import HierarchicalGaussianReadout
 from lightning_sensorium.models.shifters import MLPShifter
+from lightning_sensorium.weights.dynamic_v1fm import translate
 
 KEY = "mouse"
 FRAMES = 30  # the original readout reshapes with a hard-coded 15 tokens
@@ -126,37 +128,12 @@ def ours_forward(
     return model.read(features, KEY, behavior, pupil_center)  # (B, N, T')
 
 
-#: original → ours parameter names (regular expressions applied in order).
-RENAMES = [
-    (r"^core\.patch_embedding\.proj\.", "core.patch_embedding."),
-    (r"^core\.patch_embedding\.norm\.", "core.norm."),
-    (r"^core\.transformer\.blocks\.(\d+)\.mha\.", r"core.blocks.\1.attention."),
-    (r"^core\.transformer\.blocks\.(\d+)\.mlp\.linear1\.0\.", r"core.blocks.\1.mlp.linear1."),
-    (r"^core\.transformer\.blocks\.(\d+)\.mlp\.dwconv\.0\.conv\.", r"core.blocks.\1.mlp.dwconv."),
-    (r"^core\.transformer\.blocks\.(\d+)\.mlp\.linear2\.0\.", r"core.blocks.\1.mlp.linear2."),
-    (r"^core\.transformer\.blocks\.(\d+)\.b-mlp\.model\.", r"core.blocks.\1.behavior_mlp.mlp."),
-    (r"^readout\._features(\d+)$", rf"readouts.{KEY}.level_features.\1"),
-    (r"^readout\._features$", f"readouts.{KEY}.features"),
-    (r"^readout\.mu_transform\.", f"readouts.{KEY}.grid_predictor."),
-    (r"^readout\.up_refine(\d+)\.", rf"readouts.{KEY}.refinements.\1."),
-    (r"^readout\.fusion_block(\d+)\.module\.", rf"readouts.{KEY}.fusions.\1.mlp."),
-    (r"^readout\.", f"readouts.{KEY}."),
-    (rf"^shifter\.{KEY}\.", f"shifters.{KEY}."),
-]
-
-
 def copy_original_into(ours: Encoder, original: nn.Module) -> None:
-    """Load the original's parameters and buffers into ours (names mapped, shapes checked by load_state_dict)."""
-    state: dict[str, Tensor] = {}
-    for k, v in original.state_dict().items():
-        if k.endswith(("relative_position_index", "drop_path.keep_prop")):  # derived from the options in ours
-            continue
-        for pattern, new in RENAMES:
-            k, hit = re.subn(pattern, new, k)
-            if hit:
-                break
-        state[k] = v
-    ours.load_state_dict(state, strict=True)
+    """Load the original's weights into ours by the importer's name mapping
+    (:func:`lightning_sensorium.weights.dynamic_v1fm.translate`; strict: every entry matched, shapes checked)."""
+    keyed = {re.sub(r"^readout\.", f"readout.{KEY}.", k): v for k, v in original.state_dict().items()}  # one mouse
+    state = translate(keyed, Path("original"))
+    ours.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()}, strict=True)
 
 
 def make_case(batch: int, n: int, seed: int = 0) -> tuple[NeuronInfo, tuple[Tensor, Tensor, Tensor]]:

@@ -37,6 +37,7 @@ from _report import report, time_steps
 from torch import Tensor, nn
 
 from lightning_sensorium.models.cores.vivit import ViViTCore
+from lightning_sensorium.weights.viv1t import translate
 
 #: train.py's defaults (= Table 3), as our ViViTCore's argument names.
 FULL: dict[str, Any] = {
@@ -99,9 +100,8 @@ def readout_parity(device: torch.device, neurons: int = 50) -> dict[str, float]:
         args, (16, 4, 15, 29), "mouse", torch.from_numpy(coords), mean_responses=torch.from_numpy(mean)
     ).to(device)
     ours = ViViTGaussianReadout((16, 15, 29), NeuronInfo("mouse", np.arange(neurons), coords, mean)).to(device)
-    state = {k.replace("mu_transform.", "grid_predictor."): v for k, v in original.state_dict().items()}
-    state["features"] = state["features"].reshape(1, 16, 1, neurons)  # theirs (1, C, N), ours (1, C, 1, N)
-    state = {k: v for k, v in state.items() if k != "reg_scale"}
+    state = translate({f"readouts.mouse.{k}": v for k, v in original.state_dict().items()}, 1, Path("original"))
+    state = {k.removeprefix("encoder.readouts.mouse."): v for k, v in state.items()}  # the importer's mapping
     with torch.no_grad():
         state["features"] = torch.randn_like(state["features"])  # not all equal, so a transposition would show
     ours.load_state_dict(state, strict=True)
@@ -162,19 +162,13 @@ def original_args(opts: dict[str, Any], frames: int, device: torch.device, bf16:
 def build_pair(
     orig_cls: type[nn.Module], opts: dict[str, Any], frames: int, device: torch.device, bf16: bool, fused: bool
 ) -> tuple[ViViTCore, nn.Module]:
-    """Ours and the original, the original's parameters copied into ours (matched in order, shapes checked)."""
+    """Ours and the original, the original's weights loaded into ours by the importer's name mapping
+    (:func:`lightning_sensorium.weights.viv1t.translate`; strict: every entry matched, shapes checked)."""
     torch.manual_seed(0)
     original = orig_cls(original_args(opts, frames, device, bf16), input_shape=(1, frames, 36, 64)).to(device)
     ours = ViViTCore(**opts, fused_tokenizer=fused).to(device)
-    theirs = list(original.named_parameters())
-    mine = list(ours.named_parameters())
-    if len(theirs) != len(mine):
-        raise RuntimeError(f"{len(mine)} parameters in ours, {len(theirs)} in the original")
-    with torch.no_grad():
-        for (name_o, p_o), (name_m, p_m) in zip(theirs, mine, strict=True):
-            if p_o.shape != p_m.shape:
-                raise RuntimeError(f"shape mismatch: original {name_o} {tuple(p_o.shape)} vs ours {name_m}")
-            p_m.copy_(p_o)
+    state = translate({f"core.{k}": v for k, v in original.state_dict().items()}, opts["head_dim"], Path("original"))
+    ours.load_state_dict({k.removeprefix("encoder.core."): v for k, v in state.items()}, strict=True)
     return ours, original
 
 
