@@ -91,6 +91,20 @@ def test_a_fit_that_cannot_fit_stops_before_its_first_step(
     assert "experiments/cpu/" in message and "data.batch_size" in message
     assert not list(tmp_path.rglob("*.ckpt"))  # stopped before any step
     assert "precision 32-true" in message
+    assert "(not even batch size 1 fits)" in message
+
+
+def test_the_message_names_the_largest_batch_that_fits(
+    tiny_stores: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved activations grow with the batch, the rest does not: 4 GiB of activations at batch size 2, 3 GiB of
+    gradients and optimiser state, 6 GiB usable: batch size 1 fits."""
+    gib = 2**30
+    estimate = memory.MemoryEstimate(weights=0, gradients=gib, optimizer=2 * gib, activations=4 * gib)
+    monkeypatch.setattr(memory, "estimate_training_memory", lambda *args, **kwargs: estimate)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(6 * gib / 0.9))
+    with pytest.raises(InsufficientMemoryError, match=r"\(at most batch size 1 would fit\)"):
+        run_lightning(_fit_args(tiny_stores, tmp_path))
 
 
 def test_a_fit_that_fits_runs_and_keeps_its_estimate(tiny_stores: Path, tmp_path: Path) -> None:

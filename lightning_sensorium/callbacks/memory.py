@@ -233,13 +233,18 @@ class MemoryCheck(L.Callback):
         self.estimate = estimate
         # The weights (and their averaged copies) are resident already and not counted in `free`.
         more = estimate.total - estimate.weights
-        if trainer.strategy.root_device.type == "cpu":
-            more *= trainer.world_size  # CPU processes share the host's memory
+        processes = trainer.world_size if trainer.strategy.root_device.type == "cpu" else 1
+        more *= processes  # CPU processes share the host's memory
         if more > self.headroom * free:
+            # The saved activations grow with the batch, the rest does not: the largest batch that would fit.
+            per_sample = estimate.activations / _batch_size(batch)
+            room = self.headroom * free / processes - (estimate.gradients + estimate.optimizer)
+            largest = int(room // per_sample) if per_sample > 0 and room > 0 else 0
+            fits = f"at most batch size {largest} would fit" if largest else "not even batch size 1 fits"
             raise InsufficientMemoryError(
                 f"this fit needs about {estimate.total / GIB:.1f} GiB to train at batch size {_batch_size(batch)} "
                 f"({estimate.describe()}; precision {precision}), {more / GIB:.1f} GiB more than it holds now, but the "
-                f"{pl_module.device.type} has {free / GIB:.1f} GiB free. {self.hint or DEFAULT_HINT}"
+                f"{pl_module.device.type} has {free / GIB:.1f} GiB free ({fits}). {self.hint or DEFAULT_HINT}"
             )
 
 

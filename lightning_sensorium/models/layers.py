@@ -186,9 +186,21 @@ def strided_spatial_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride:
 
 # neuralpredictors regularizers.py `laplace()` and `laplace1d()`. The 1D filter sums to 2: it is not a second
 # difference, and it penalises the filter's energy as well as its roughness (docs/models.md: Factorized baseline).
-# Kept as the original.
-_LAPLACE_2D = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
-_LAPLACE_1D = torch.tensor([-1.0, 4.0, -1.0])
+# Kept as the original. Built on the weight's device and dtype: no host-to-device copy per training step.
+def _laplace_2d(like: Tensor) -> Tensor:
+    """``[[0, -1, 0], [-1, 4, -1], [0, -1, 0]]`` (3, 3)."""
+    k = like.new_zeros(3, 3)
+    k[1, :] = -1.0
+    k[:, 1] = -1.0
+    k[1, 1] = 4.0
+    return k
+
+
+def _laplace_1d(like: Tensor) -> Tensor:
+    """``[-1, 4, -1]`` (3,)."""
+    k = like.new_full((3,), -1.0)
+    k[1] = 4.0
+    return k
 
 
 def laplace_l2norm(weight: Tensor) -> Tensor:
@@ -200,7 +212,7 @@ def laplace_l2norm(weight: Tensor) -> Tensor:
     """
     o, i, kh, kw = weight.shape
     w = weight.reshape(o * i, 1, kh, kw)  # (O·I, 1, kh, kw)
-    lap = F.conv2d(w, _LAPLACE_2D.to(w)[None, None], padding=1)  # (O·I, 1, kh, kw)
+    lap = F.conv2d(w, _laplace_2d(w)[None, None], padding=1)  # (O·I, 1, kh, kw)
     return lap.pow(2).sum() / w.pow(2).sum()
 
 
@@ -212,7 +224,7 @@ def depth_laplace_l21d(weight: Tensor) -> Tensor:
     """
     o, i, t = weight.shape
     w = weight.reshape(o * i, 1, t)  # (O·I, 1, t)
-    lap = F.conv1d(w, _LAPLACE_1D.to(w)[None, None], padding=1)  # (O·I, 1, t)
+    lap = F.conv1d(w, _laplace_1d(w)[None, None], padding=1)  # (O·I, 1, t)
     return lap.pow(2).sum() / w.pow(2).sum()
 
 

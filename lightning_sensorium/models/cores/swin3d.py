@@ -134,7 +134,7 @@ class ShiftedWindowAttention3d(nn.Module):
         index = self.relative_position_index[:vol, :vol].reshape(-1)  # (V·V,)
         bias = self.relative_position_bias_table[index].view(vol, vol, -1).permute(2, 0, 1)  # (heads, V, V)
         padded = tuple(s + p for s, p in zip(size, _pad_sizes(size, window), strict=True))
-        windows = math.prod(p // w for p, w in zip(padded, window, strict=True))
+        windows = math.prod([p // w for p, w in zip(padded, window, strict=True)])  # a list: dynamo traces it
         if sum(shift) > 0:
             mask = shifted_window_mask(padded, window, shift, device)  # type: ignore[arg-type]
             return bias[None] + mask[:, None].to(bias.dtype), window, shift  # (windows, heads, V, V)
