@@ -467,6 +467,113 @@ def _run_sweep(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_insilico(sub: argparse._SubParsersAction) -> None:
+    from lightning_sensorium.insilico import EXPERIMENTS  # the package's __init__ imports nothing
+
+    p = sub.add_parser(
+        "insilico",
+        help="in-silico experiments (RFs, tuning, size, behaviour, MEIs) on a model or a synthetic mouse's generator",
+        description=(
+            "Run one in-silico experiment on a checkpoint (several = their ensemble) or, with --ground-truth alone, "
+            "on a synthetic mouse's own generator; with both, the model's results are scored against the truth. "
+            "rf: sparse-noise RF maps, centre, size; gradient_rf: linearised RF (models only); tuning: drifting "
+            "gratings → preferred direction/orientation/SF/TF, OSI, DSI, F1/F0; size: RF + tuning, then disks of "
+            "growing size → preferred size, suppression index; behavior: running vs quiet, large vs small pupil "
+            "gains; clips: most/least activating of --clips videos; mei: most exciting image and video (models "
+            "only). Results: OUT (zarr, named dimensions) and PNG figures. Guide: docs/insilico.md."
+        ),
+    )
+    p.add_argument("experiment", choices=EXPERIMENTS, metavar="EXPERIMENT", help=", ".join(EXPERIMENTS))
+    p.add_argument("--ckpt_path", nargs="+", type=Path, default=[], help="checkpoint(s) written by `fit`")
+    p.add_argument("--ground-truth", type=Path, metavar="RELEASE", help="synthetic release (with ground_truth/)")
+    p.add_argument("--mouse", help="the mouse whose neurons to study (needed when there are several)")
+    p.add_argument("--neurons", nargs="+", type=int, help="unit ids to study (default: all)")
+    p.add_argument("--out", required=True, type=Path, help="output zarr store (written atomically)")
+    p.add_argument("--figures", type=Path, help="folder of PNG figures (default: OUT's name + _figures)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--clips", type=Path, help="clips: a (T, H, W) video .npy or a folder of them (as for infer)")
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate of --clips (default: %(default)s)")
+    p.add_argument(
+        "--state",
+        default="quiet",
+        choices=("quiet", "running", "small_pupil", "large_pupil"),
+        help="behaviour the stimuli are shown with (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of noise stimuli and MEI starts (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="stimuli per forward pass (default: %(default)s)")
+    p.add_argument("--data.root", dest="root", help="folder or URL of <mouse_id>.zarr stores (default: as trained)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_insilico)
+
+
+def _run_insilico(ns: argparse.Namespace) -> int:
+    from lightning_sensorium.insilico.run import run_insilico
+
+    out = run_insilico(
+        ns.experiment,
+        ns.out,
+        ckpt_paths=ns.ckpt_path,
+        ground_truth=ns.ground_truth,
+        mouse=ns.mouse,
+        neurons=ns.neurons,
+        clips=ns.clips,
+        fps=ns.fps,
+        state=ns.state,
+        data={"root": ns.root},
+        device=ns.device,
+        seed=ns.seed,
+        batch_size=ns.batch_size,
+        figures=ns.figures,
+        overwrite=ns.overwrite,
+        progress=not ns.quiet,
+    )
+    print(out)
+    return 0
+
+
+def _add_import_weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-weights",
+        help="the weights a team published (its own checkpoint format) → our checkpoint(s)",
+        description=(
+            "Read checkpoints exactly as an original's code writes them (starter kit: model.state_dict(); DwiseNeuro: "
+            "argus model files, EMA included; ViV1T: a run folder with args.yaml and ckpt/model_state.pt; "
+            "Dynamic-V1FM: its train.py checkpoint) and write our checkpoints at the original's sizes, for evaluate, "
+            "infer, submit, ensemble and fit --ckpt_path. The original's mice are matched to the stores' mouse ids "
+            "and their neurons checked; several files are one ensemble: --out is then a folder of member-NN.ckpt."
+        ),
+    )
+    architectures = ("gru", "factorized", "dwiseneuro", "viv1t", "dynamic_v1fm")  # weights.ARCHITECTURES
+    p.add_argument("--from", dest="architecture", required=True, choices=architectures, help="whose checkpoints")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="original checkpoint file(s) or run folder(s)")
+    p.add_argument("--data.root", dest="root", required=True, type=Path, help="folder of the mice's <mouse_id>.zarr")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint file (one FILE) or folder (several)")
+    p.add_argument(
+        "--mouse",
+        action="append",
+        default=[],
+        metavar="KEY=MOUSE_ID",
+        help="the store of an original's mouse (KEY: its key, e.g. a ViV1T letter, or the session it names)",
+    )
+    p.add_argument("--experiments", type=Path, default=Path("experiments"), help="folder of <model>.yaml")
+    p.set_defaults(handler=_run_import_weights)
+
+
+def _run_import_weights(ns: argparse.Namespace) -> int:
+    from lightning_sensorium.weights.importer import import_weights
+
+    mouse_map = {}
+    for item in ns.mouse:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--mouse {item!r}: expected KEY=MOUSE_ID, e.g. --mouse A=dynamic29156-11-10-Video-...")
+        mouse_map[key] = value
+    for path in import_weights(ns.architecture, ns.files, ns.root, ns.out, mouse_map, ns.experiments):
+        print(f"wrote {path}")
+    return 0
+
+
 #: The project's own subcommands: name → function that adds its parser.
 _OWN_SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "synth": _add_synth,
@@ -479,6 +586,8 @@ _OWN_SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "ensemble": _add_ensemble,
     "pipeline": _add_pipeline,
     "sweep": _add_sweep,
+    "import-weights": _add_import_weights,
+    "insilico": _add_insilico,
 }
 
 
