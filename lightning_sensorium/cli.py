@@ -490,6 +490,7 @@ def _add_insilico(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--neurons", nargs="+", type=int, help="unit ids to study (default: all)")
     p.add_argument("--out", required=True, type=Path, help="output zarr store (written atomically)")
     p.add_argument("--figures", type=Path, help="folder of PNG figures (default: OUT's name + _figures)")
+    p.add_argument("--tensorboard", type=Path, metavar="DIR", help="also log the figures and recovery scores here")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--clips", type=Path, help="clips: a (T, H, W) video .npy or a folder of them (as for infer)")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of --clips (default: %(default)s)")
@@ -525,6 +526,7 @@ def _run_insilico(ns: argparse.Namespace) -> int:
         seed=ns.seed,
         batch_size=ns.batch_size,
         figures=ns.figures,
+        tensorboard=ns.tensorboard,
         overwrite=ns.overwrite,
         progress=not ns.quiet,
     )

@@ -112,7 +112,7 @@ def test_cli_behaviour_on_a_checkpoint_scored_against_the_truth(
     ids = GroundTruth.from_release(tiny_release, mouse).unit_ids[:2]
     args = ["insilico", "behavior", "--ckpt_path", *fits["checkpoints"], "--ground-truth", str(tiny_release)]
     args += ["--mouse", mouse, "--data.root", str(tiny_stores), "--out", str(out), "--quiet"]
-    assert main([*args, "--neurons", *map(str, ids)]) == 0
+    assert main([*args, "--neurons", *map(str, ids), "--tensorboard", str(tmp_path / "tb")]) == 0
     res = read_results(out)["behavior"]
     assert res["state_response"].shape == (2, 4) and res["attrs"]["labels"]["state"][:2] == ["quiet", "running"]
     assert np.isfinite(res["running_gain"]).all() and res["true_run_weight"].shape == (2,)
@@ -121,6 +121,11 @@ def test_cli_behaviour_on_a_checkpoint_scored_against_the_truth(
     assert group.attrs["responder"] == "TrainedModel" and group.attrs["checkpoints"] == fits["checkpoints"]
     assert group["behavior/state_response"].metadata.dimension_names == ("neuron", "state")
     assert (figures_folder(out) / "behavior.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert "insilico/behavior" in events.Tags()["images"]
+    assert "insilico/behavior/recovery/running_gain_sign_accuracy" in events.Tags()["scalars"]
 
 
 def _refused(args: list[str], out: Path, capsys: pytest.CaptureFixture[str], message: str) -> None:

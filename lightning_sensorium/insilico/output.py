@@ -208,6 +208,27 @@ def _draw(results: Sequence[Result], folder: Path) -> None:
             write_gif(res["mei_video"][:GIF_NEURONS], folder / "mei_video.gif")
 
 
+def write_tensorboard(results: Sequence[Result], log_dir: str | Path, attrs: dict[str, Any]) -> None:
+    """The figures, the recovery scores against the truth (where known) and the run's settings into a TensorBoard
+    run at ``log_dir`` (``insilico/<experiment>/...``)."""
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir))
+    try:
+        writer.add_text("insilico/settings", "\n".join(f"    {k}: {v}" for k, v in _json_safe(attrs).items()))
+        for res in results:
+            fig = figure_of(res)
+            if fig is not None:
+                writer.add_figure(f"insilico/{res.experiment}", fig)
+                plt.close(fig)
+            for name, value in dict(res.attrs.get("recovery") or {}).items():
+                if isinstance(value, int | float) and np.isfinite(value):
+                    writer.add_scalar(f"insilico/{res.experiment}/recovery/{name}", float(value))
+    finally:
+        writer.close()
+
+
 def write_gif(videos: np.ndarray, path: Path, fps: float = 30.0) -> None:
     """Grey-level videos ``(n, T, H, W)`` side by side (2-px black gaps) as one looping GIF."""
     from PIL import Image

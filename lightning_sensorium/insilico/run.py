@@ -152,10 +152,12 @@ def run_insilico(
     seed: int = 0,
     batch_size: int = 8,
     figures: str | Path | None = None,
+    tensorboard: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Run ``experiment`` and write ``out`` (zarr) and its figures (default :func:`figures_folder`)."""
+    """Run ``experiment`` and write ``out`` (zarr) and its figures (default :func:`figures_folder`), and with
+    ``tensorboard`` the figures and recovery scores into that TensorBoard run."""
     if experiment not in EXPERIMENTS:
         raise ValueError(f"experiment {experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
     out = Path(out)
@@ -200,6 +202,9 @@ def run_insilico(
         "seed": seed,
         "gaze": [float(v) for v in responder.rest_pupil_center],
     }
-    from lightning_sensorium.insilico.output import write_results
+    from lightning_sensorium.insilico.output import write_results, write_tensorboard
 
-    return write_results(results, out, attrs, figures=fig_dir, overwrite=overwrite)
+    written = write_results(results, out, attrs, figures=fig_dir, overwrite=overwrite)
+    if tensorboard is not None:
+        write_tensorboard(results, tensorboard, attrs)
+    return written
