@@ -76,6 +76,8 @@ def fit_args(mode: str, pretrained: Path, stores: Path, fraction: float, steps: 
         name,
         "--trainer.enable_progress_bar",
         "false",
+        "--trainer.enable_model_summary",
+        "false",
         "--seed_everything",
         str(a.seed),
     ]
