@@ -17,22 +17,11 @@ from lightning_sensorium.launch import run_lightning, with_experiment_defaults
 from lightning_sensorium.module import PretrainedError
 
 from .conftest import TINY
+from .test_training import EXPERIMENTS
+from .test_training import FAST as TRAINING_FAST
 
-EXPERIMENTS = Path(__file__).parents[1] / "experiments"
-FAST = [
-    "--trainer.max_epochs",
-    "1",
-    "--trainer.limit_train_batches",
-    "2",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.num_sanity_val_steps",
-    "0",
-    "--trainer.accelerator",
-    "cpu",
-    "--model.log_figures",
-    "false",
-]
+#: test_training's fast settings, with one validation batch and no figures.
+FAST = [*TRAINING_FAST, "--trainer.limit_val_batches", "1", "--model.log_figures", "false"]
 
 
 def _args(tmp_path: Path, stores: Path, *extra: str, channels: str = "[4, 4, 4]") -> list[str]:
@@ -43,8 +32,6 @@ def _args(tmp_path: Path, stores: Path, *extra: str, channels: str = "[4, 4, 4]"
             str(EXPERIMENTS / "factorized.yaml"),
             "--data.root",
             str(stores),
-            "--data.frames",
-            "24",
             "--trainer.logger.init_args.save_dir",
             str(tmp_path / "runs"),
             "--trainer.default_root_dir",
