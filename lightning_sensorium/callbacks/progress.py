@@ -39,3 +39,6 @@ def quiet_console() -> None:
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+    # Lightning's model summary cannot size bf16-mixed parameters and says so on every such fit (it sizes them in
+    # float32, which is what the parameters are under autocast).
+    warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary.*")
