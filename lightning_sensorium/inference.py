@@ -216,7 +216,7 @@ class StimulusInputs:
             raise ValueError(f"{store.mouse_id}: the store has no frame with finite statistics")
         self.per_frame = {name: arr[: self.stat_frames] for name, arr in norm.inputs.items()}  # (F, ...)
 
-    def _stat(self, name: str, frames: int) -> np.ndarray:
+    def statistic(self, name: str, frames: int) -> np.ndarray:
         """Per-frame statistic for ``frames`` frames: recorded ones, then their time average."""
         x = self.per_frame[name]
         if frames <= len(x):
@@ -236,9 +236,9 @@ class StimulusInputs:
             np.float32
         )
         if self.per_frame:
-            video = (video - self._stat("video_shift", t)) * self._stat("video_gain", t)
-            behavior = (behavior - self._stat("behavior_shift", t)) * self._stat("behavior_gain", t)
-            pupil = (pupil - self._stat("pupil_shift", t)) * self._stat("pupil_gain", t)
+            video = (video - self.statistic("video_shift", t)) * self.statistic("video_gain", t)
+            behavior = (behavior - self.statistic("behavior_shift", t)) * self.statistic("behavior_gain", t)
+            pupil = (pupil - self.statistic("pupil_shift", t)) * self.statistic("pupil_gain", t)
         return {
             "mouse_id": self.store.mouse_id,
             "tier": "user",

@@ -184,7 +184,7 @@ class TrainedModel(Responder):
         if not self.inputs.per_frame:  # ``raw`` normalisation
             return x
         shift, gain = (
-            torch.from_numpy(np.array(np.broadcast_to(self.inputs._stat(f"{name}_{s}", frames), shape), np.float32))
+            torch.from_numpy(np.array(np.broadcast_to(self.inputs.statistic(f"{name}_{s}", frames), shape), np.float32))
             for s in ("shift", "gain")
         )  # writable copies
         return (x - shift.to(x)) * gain.to(x)
