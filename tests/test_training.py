@@ -192,8 +192,9 @@ def test_every_ddp_rank_gets_an_eval_batch_and_padding_is_marked(tiny_stores: Pa
     assert n >= 2 and all(i >= 0 for r in (0, 1) for i in PaddedEvalSampler(ds, 2, r))  # enough: no padding
 
 
-def _fit(tmp_path: Path, stores: Path, *extra: str) -> object:
-    args = with_experiment_defaults(
+def fit_args(tmp_path: Path, stores: Path, *extra: str) -> list[str]:
+    """``fit`` of a tiny factorized baseline on ``stores`` (FAST), logging and saving under ``tmp_path``."""
+    return with_experiment_defaults(
         [
             "fit",
             "--config",
@@ -202,13 +203,18 @@ def _fit(tmp_path: Path, stores: Path, *extra: str) -> object:
             str(stores),
             "--trainer.logger.init_args.save_dir",
             str(tmp_path / "runs"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
             "--model.core.init_args.hidden_channels",
             "[4, 4, 4]",
             *FAST,
             *extra,
         ]
     )
-    return run_lightning(args)
+
+
+def _fit(tmp_path: Path, stores: Path, *extra: str) -> object:
+    return run_lightning(fit_args(tmp_path, stores, *extra))
 
 
 def test_fit_evaluate_and_resume(tiny_stores: Path, tmp_path: Path) -> None:

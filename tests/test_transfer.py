@@ -13,35 +13,16 @@ from lightning_sensorium.cli import main
 from lightning_sensorium.data.convert import convert
 from lightning_sensorium.data.datamodule import SensoriumDataModule
 from lightning_sensorium.data.synthetic import synthesize
-from lightning_sensorium.launch import run_lightning, with_experiment_defaults
+from lightning_sensorium.launch import run_lightning
 from lightning_sensorium.module import PretrainedError
 
 from .conftest import TINY
-from .test_training import EXPERIMENTS
-from .test_training import FAST as TRAINING_FAST
-
-#: test_training's fast settings, with one validation batch and no figures.
-FAST = [*TRAINING_FAST, "--trainer.limit_val_batches", "1", "--model.log_figures", "false"]
+from .test_training import fit_args
 
 
-def _args(tmp_path: Path, stores: Path, *extra: str, channels: str = "[4, 4, 4]") -> list[str]:
-    return with_experiment_defaults(
-        [
-            "fit",
-            "--config",
-            str(EXPERIMENTS / "factorized.yaml"),
-            "--data.root",
-            str(stores),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "runs"),
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--model.core.init_args.hidden_channels",
-            channels,
-            *FAST,
-            *extra,
-        ]
-    )
+def _args(tmp_path: Path, stores: Path, *extra: str) -> list[str]:
+    """test_training's tiny fit, with one validation batch and no figures."""
+    return fit_args(tmp_path, stores, "--trainer.limit_val_batches", "1", "--model.log_figures", "false", *extra)
 
 
 @pytest.fixture(scope="module")
