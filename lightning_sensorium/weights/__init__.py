@@ -9,6 +9,7 @@ original's mouse keys to our ``mouse_id``\\ s, checks the neuron counts and writ
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,15 @@ def load_torch_file(path: Path, safe_globals: Sequence[Any] = ()) -> Any:
         ) from e
 
 
+def first_rename(name: str, renames: Sequence[tuple[re.Pattern[str], str]]) -> str | None:
+    """``name`` rewritten by the first ``(pattern, replacement)`` whose pattern matches its start; None if none
+    does (a name the other side does not have)."""
+    for pattern, new in renames:
+        if pattern.match(name):
+            return pattern.sub(new, name)
+    return None
+
+
 def state_dict_of(value: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
     """``value`` as a flat ``name → tensor`` dict, or :class:`WeightsError` saying that ``path`` holds no ``what``."""
     if (
@@ -69,4 +79,4 @@ def state_dict_of(value: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
     return value
 
 
-__all__ = ["ARCHITECTURES", "OriginalWeights", "WeightsError", "load_torch_file", "state_dict_of"]
+__all__ = ["ARCHITECTURES", "OriginalWeights", "WeightsError", "first_rename", "load_torch_file", "state_dict_of"]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_sensorium.models.cores.swin3d import relative_position_index
-from lightning_sensorium.weights import OriginalWeights, WeightsError, load_torch_file, state_dict_of
+from lightning_sensorium.weights import OriginalWeights, WeightsError, first_rename, load_torch_file, state_dict_of
 
 #: original → our Encoder parameter names (regular expressions, the first match wins); per-mouse keys kept.
 RENAMES = [
@@ -99,10 +99,7 @@ MODEL_DICT_KEYS = frozenset(
 
 def encoder_key(name: str) -> str | None:
     """Our :class:`~lightning_sensorium.models.Encoder` name of an original ``VideoFiringRateEncoder`` entry."""
-    for pattern, new in _RENAMES:
-        if pattern.match(name):
-            return pattern.sub(new, name)
-    return None
+    return first_rename(name, _RENAMES)
 
 
 def translate(state: Mapping[str, Tensor], source: Path) -> dict[str, Tensor]:

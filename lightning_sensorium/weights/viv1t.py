@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from torch import Tensor
 
-from lightning_sensorium.weights import OriginalWeights, WeightsError, load_torch_file, state_dict_of
+from lightning_sensorium.weights import OriginalWeights, WeightsError, first_rename, load_torch_file, state_dict_of
 
 #: ViV1T's mouse letters → session folder names (our mouse_ids): MOUSE_IDS of
 #: https://github.com/bryanlimy/ViV1T/blob/main/src/viv1t/data/constants.py
@@ -194,10 +194,7 @@ _SETTINGS = re.compile(r"(^|\.)(reg_scale|scale|keep_prob)$")
 def core_key(name: str) -> str | None:
     """Our ``ViViTCore`` name of an entry of the original's ``ViViT`` (its name after ``core.vivit.``); None if
     ours has no such entry."""
-    for pattern, new in _CORE_RENAMES:
-        if pattern.match(name):
-            return pattern.sub(new, name)
-    return None
+    return first_rename(name, _CORE_RENAMES)
 
 
 def translate(state: Mapping[str, Tensor], head_dim: int, source: Path) -> dict[str, Tensor]:
