@@ -37,18 +37,10 @@ from _diagnostics import correlation
 from lightning_sensorium.data import digital_twin as twin
 from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
 from lightning_sensorium.data.normalization import over_time
+from lightning_sensorium.data.synthetic import load_neuron_parameters
 
 Rates = Callable[[twin.FeatureBank, np.ndarray, np.ndarray], np.ndarray]
 Observed = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
-
-
-def load_parameters(release: Path, session: str) -> twin.NeuronParameters:
-    """The saved ground-truth parameters of ``session`` (``ground_truth/<session>/neurons/<field>.npy``)."""
-    folder = release / GROUND_TRUTH_DIR / session / "neurons"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no ground-truth neurons (is {release} a synthetic release?)")
-    fields = [f.name for f in dataclasses.fields(twin.NeuronParameters)]
-    return twin.NeuronParameters(**{name: np.load(folder / f"{name}.npy") for name in fields})
 
 
 def ablations(params: twin.NeuronParameters) -> dict[str, Rates]:
@@ -180,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if not sessions:
         raise SystemExit(f"{args.data}: no session folders")
     session = args.mouse or sessions[0]
-    params = load_parameters(args.data, session)
+    params = load_neuron_parameters(args.data, session)
     folder = args.data / session
     tiers = np.load(folder / "meta" / "trials" / "tiers.npy")
     trials = [i for i, t in enumerate(tiers) if t == "final_test_main"][: args.trials]

@@ -14,6 +14,7 @@ import pytest
 
 from lightning_sensorium.data import digital_twin as twin
 from lightning_sensorium.data.layout import GROUND_TRUTH_DIR
+from lightning_sensorium.data.synthetic import load_neuron_parameters
 from tests.conftest import sessions
 from tests.test_evaluate import TINY_FIT, fitted
 
@@ -41,7 +42,7 @@ def test_ablation_full_model_reproduces_the_saved_rates(tiny_release: Path) -> N
     """The script's trial loading + ``full`` variant + observation give the generator's saved noiseless rates (up to
     the random scan phase, which the script fixes per trial), and each ablation changes them."""
     folder = sessions(tiny_release)[0]
-    params = ablation.load_parameters(tiny_release, folder.name)
+    params = load_neuron_parameters(tiny_release, folder.name)
     tiers = np.load(folder / "meta" / "trials" / "tiers.npy")
     trial = int(np.flatnonzero(tiers == "final_test_main")[0])
     frames, behavior, center = ablation.load_trial(folder, trial)
@@ -62,7 +63,7 @@ def test_model_limits(tiny_release: Path) -> None:
     """The limits' ``full`` trace is the generator's observation at the same scan phase; with the eye (and behaviour)
     still, applying the gaze after the calcium kernel changes nothing; the per-frame statistics views change it."""
     folder = sessions(tiny_release)[0]
-    params = ablation.load_parameters(tiny_release, folder.name)
+    params = load_neuron_parameters(tiny_release, folder.name)
     tiers = np.load(folder / "meta" / "trials" / "tiers.npy")
     trial = int(np.flatnonzero(tiers == "final_test_main")[0])
     frames, behavior, center = ablation.load_trial(folder, trial)
@@ -100,7 +101,7 @@ def test_ablation_script_and_errors(tiny_release: Path, tmp_path: Path, capsys: 
     assert "no_gaze" in capsys.readouterr().out
     (tmp_path / "m0").mkdir()
     with pytest.raises(FileNotFoundError, match="no ground-truth neurons"):
-        ablation.load_parameters(tmp_path, "m0")
+        load_neuron_parameters(tmp_path, "m0")
 
 
 def test_band_split_adds_up() -> None:

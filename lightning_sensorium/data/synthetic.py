@@ -10,6 +10,7 @@ and how it streams (bytes independent of the number of workers): docs/data.md, "
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import warnings
@@ -319,6 +320,29 @@ def _finish_mouse(mouse: _Mouse, stats: dict[str, _FrameStats], root: Path) -> P
         np.save(gt_tmp / "neurons" / f"{pname}.npy", arr)
     place(gt_tmp, root / GROUND_TRUTH_DIR / mouse.name, overwrite=False)
     return place(tmp, root / mouse.name, overwrite=False)
+
+
+def ground_truth_mice(release: str | Path) -> list[str]:
+    """The mice of a synthetic release that have ground-truth neurons."""
+    gt = Path(release) / GROUND_TRUTH_DIR
+    if not gt.is_dir():
+        raise FileNotFoundError(
+            f"{release}: no {GROUND_TRUTH_DIR}/ folder, no ground-truth neurons (not a synthetic release)"
+        )
+    return sorted(p.name for p in gt.iterdir() if p.is_dir() and (p / "neurons").is_dir())
+
+
+def load_neuron_parameters(release: str | Path, mouse_id: str) -> twin.NeuronParameters:
+    """The ground-truth neurons of ``mouse_id`` as :func:`_finish_mouse` saved them
+    (``<release>/ground_truth/<mouse_id>/neurons/<field>.npy``)."""
+    folder = Path(release) / GROUND_TRUTH_DIR / mouse_id / "neurons"
+    if not folder.is_dir():
+        raise ValueError(f"mouse {mouse_id}: no ground truth in {release}; its mice are {ground_truth_mice(release)}")
+    fields = [f.name for f in dataclasses.fields(twin.NeuronParameters)]
+    for name in fields:
+        if not (folder / f"{name}.npy").is_file():
+            raise FileNotFoundError(f"{folder / (name + '.npy')}: missing ground-truth field {name}")
+    return twin.NeuronParameters(**{name: np.load(folder / f"{name}.npy") for name in fields})
 
 
 class _InOrderMerge:

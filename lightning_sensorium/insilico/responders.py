@@ -10,7 +10,6 @@ one home of that conversion); :class:`GroundTruth` is the synthetic mouse's own 
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +20,9 @@ import torch
 from torch import Tensor
 
 from lightning_sensorium.data import digital_twin as twin
-from lightning_sensorium.data.layout import FPS, GROUND_TRUTH_DIR
+from lightning_sensorium.data.layout import FPS
 from lightning_sensorium.data.normalization import over_time
+from lightning_sensorium.data.synthetic import load_neuron_parameters
 
 
 class Responder(ABC):
@@ -68,31 +68,6 @@ class Responder(ABC):
 
 
 # ------------------------------------------------------------------------------------------------ ground truth
-def load_neuron_parameters(release: str | Path, mouse_id: str) -> twin.NeuronParameters:
-    """The saved ground truth of ``mouse_id`` (``<release>/ground_truth/<mouse_id>/neurons/<field>.npy``)."""
-    folder = Path(release) / GROUND_TRUTH_DIR / mouse_id / "neurons"
-    if not folder.is_dir():
-        known = sorted(p.name for p in (Path(release) / GROUND_TRUTH_DIR).glob("*") if p.is_dir())
-        if not (Path(release) / GROUND_TRUTH_DIR).is_dir():
-            raise FileNotFoundError(
-                f"--ground-truth {release}: no {GROUND_TRUTH_DIR}/ folder (not a synthetic release)"
-            )
-        raise ValueError(f"mouse {mouse_id}: no ground truth in {release}; its mice are {known}")
-    fields = [f.name for f in dataclasses.fields(twin.NeuronParameters)]
-    for name in fields:
-        if not (folder / f"{name}.npy").is_file():
-            raise FileNotFoundError(f"{folder / (name + '.npy')}: missing ground-truth field {name}")
-    return twin.NeuronParameters(**{name: np.load(folder / f"{name}.npy") for name in fields})
-
-
-def release_mice(release: str | Path) -> list[str]:
-    """The mice of a synthetic release that have ground truth."""
-    gt = Path(release) / GROUND_TRUTH_DIR
-    if not gt.is_dir():
-        raise FileNotFoundError(f"--ground-truth {release}: no {GROUND_TRUTH_DIR}/ folder (not a synthetic release)")
-    return sorted(p.name for p in gt.iterdir() if p.is_dir() and (p / "neurons").is_dir())
-
-
 def _frames_from_steps(rate: np.ndarray, frames: int) -> np.ndarray:
     """``(N, S)`` 15 Hz rates → ``(N, frames)``: step s is known at frame 2s + 1 and held until the next one."""
     step = np.minimum(np.maximum(np.arange(frames) - 1, 0) // twin.FRAMES_PER_STEP, rate.shape[1] - 1)

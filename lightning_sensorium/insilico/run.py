@@ -14,15 +14,10 @@ from typing import Any
 import numpy as np
 
 from lightning_sensorium.data.layout import FPS
+from lightning_sensorium.data.synthetic import ground_truth_mice, load_neuron_parameters
 from lightning_sensorium.insilico import EXPERIMENTS
 from lightning_sensorium.insilico import experiments as ex
-from lightning_sensorium.insilico.responders import (
-    GroundTruth,
-    Responder,
-    load_neuron_parameters,
-    load_trained,
-    release_mice,
-)
+from lightning_sensorium.insilico.responders import GroundTruth, Responder, load_trained
 from lightning_sensorium.insilico.stimuli import standard_states
 from lightning_sensorium.insilico.truth import recovery, truth_variables
 
@@ -46,7 +41,7 @@ def make_responder(
         return load_trained(ckpt_paths, mouse, data, device)
     if ground_truth is None:
         raise ValueError("give --ckpt_path (a trained model) or --ground-truth RELEASE (the generator), or both")
-    mice = release_mice(ground_truth)
+    mice = ground_truth_mice(ground_truth)
     if mouse is None:
         if len(mice) != 1:
             raise ValueError(f"--mouse: choose the mouse whose neurons to study, one of {mice}")
