@@ -640,7 +640,7 @@ def _check_same_inputs(path: str, ckpt: Mapping[str, Any], model: SensoriumModul
         ("data.input_statistics", dm.get("input_statistics", "per_frame"), data.get("input_statistics", "per_frame")),
     ]
     for name, theirs, ours in checks:
-        if theirs is None or not data and name.startswith("data."):
+        if theirs is None or (not data and name.startswith("data.")):  # no data settings: not compared
             continue
         if tuple(np.atleast_1d(theirs)) != tuple(np.atleast_1d(ours)):
             raise PretrainedError(
